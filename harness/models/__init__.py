@@ -1,0 +1,1 @@
+"""Checkpoints: loading (hub id, diffusers folder, single file), export, and the tiny model zoo."""
