@@ -19,7 +19,6 @@ from typing import IO, Any
 
 from harness.errors import HarnessError
 
-
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
