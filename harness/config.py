@@ -55,7 +55,7 @@ def _fail(where: str, path: str, value: Any, expected: str) -> ConfigError:
     shown = repr(value)
     if len(shown) > 80:
         shown = shown[:77] + "..."
-    return ConfigError(f"{where}: key '{path}' = {shown}: expected {expected}")
+    return ConfigError(f"{where}: key {path!r} = {shown}: expected {expected}")
 
 
 def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
@@ -141,7 +141,7 @@ def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{prefix}{key}'; {_nearest(str(key), list(fields))}")
+            raise ConfigError(f"{where}: unknown key {prefix + str(key)!r}; {_nearest(str(key), list(fields))}")
     kwargs = {}
     for name, field in fields.items():
         path = prefix + name
@@ -153,7 +153,7 @@ def _build(cls: type[T], data: dict, prefix: str, where: str) -> T:
             # Normalise factory defaults (list -> tuple) so a dumped-and-reloaded config compares equal.
             kwargs[name] = _convert(hints[name], to_dict(field.default_factory()), path, where)
         elif field.default is dataclasses.MISSING:
-            raise ConfigError(f"{where}: missing required key '{path}' ({_type_name(hints[name])})")
+            raise ConfigError(f"{where}: missing required key {path!r} ({_type_name(hints[name])})")
     try:
         return cls(**kwargs)
     except (ValueError, ConfigError) as e:  # __post_init__ cross-field checks
@@ -259,4 +259,9 @@ def load_config(cls: type[T], path: str | Path, overrides: list[str] | None = No
 
 
 def dump_yaml(obj: Any) -> str:
-    return yaml.safe_dump(to_dict(obj), sort_keys=False, allow_unicode=True)
+    data = to_dict(obj)
+    text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+    # PyYAML emits NEL/LS/PS raw with allow_unicode, and reads them back as line breaks; escape then.
+    if yaml.safe_load(text) != data:
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=False)
+    return text
