@@ -1,0 +1,286 @@
+"""The comparison report: one self-contained HTML file built from a run folder.
+
+Everything the page shows is read from the files ``harness eval`` wrote (see ``layout.py``), so
+``harness report RUN_DIR`` can rebuild it at any time. Images and plots are embedded as ``data:``
+URIs (thumbnails, so a large suite stays a reasonable size); nothing is fetched from the network
+(a Content-Security-Policy forbids it). jinja2 autoescaping is on for the whole template: every
+prompt, caption, path and label is escaped, and user text never reaches a ``<script>``.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from harness.errors import HarnessError
+from harness.io import atomic_write_text, read_jsonl
+from harness.report import layout, plots
+
+log = logging.getLogger(__name__)
+
+SECTIONS = (
+    ("headline", "Headline"), ("gates", "Gates"), ("images", "Side by side"), ("grids", "Grids"),
+    ("xray", "Denoising x-ray"), ("artifacts", "Artifact scores"), ("cluster-kl", "Cluster KL by class"),
+    ("training", "Training curves"), ("surfaces", "Metric surfaces"), ("forgetting", "Forgetting check"),
+    ("provenance", "Reproduce"),
+)
+THUMB = 256  # longest side of embedded images, px
+
+
+def fmt(v, digits: int = 4) -> str:
+    """A number for a table cell: 4 significant digits; missing or non-finite shown as a dash."""
+    if v is None or isinstance(v, str):
+        return "–" if v is None else v
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return str(v)
+    if not math.isfinite(f):
+        return "–"
+    return f"{f:.{digits}g}"
+
+
+def data_uri_png(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def image_uri(path: Path | None, max_side: int = THUMB) -> str | None:
+    """An image file as a PNG data URI, shrunk to ``max_side``; None if absent or unreadable."""
+    if path is None or not Path(path).is_file():
+        return None
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            im.thumbnail((max_side, max_side))
+            buf = io.BytesIO()
+            im.save(buf, format="PNG", optimize=True)
+    except (OSError, ValueError) as e:
+        log.warning("%s: cannot embed image (%s)", path, e)
+        return None
+    return data_uri_png(buf.getvalue())
+
+
+def _env() -> Environment:
+    env = Environment(loader=PackageLoader("harness.report", "templates"), autoescape=True,
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = fmt
+    return env
+
+
+# --- context builders (one per section) -----------------------------------------------------
+
+def _headline(results: dict) -> list[dict]:
+    rows = results.get("rows", [])
+    cands = [c["label"] for c in results.get("checkpoints", []) if c["role"] == "candidate"]
+    by_key: dict[tuple[str, str], dict[str, dict]] = defaultdict(dict)
+    order: list[tuple[str, str]] = []
+    for r in rows:
+        key = (r["metric"], r["subset"])
+        if key not in by_key:
+            order.append(key)
+        by_key[key][r["checkpoint"]] = r
+    out = []
+    for key in order:
+        cells = by_key[key]
+        base = next((r for r in cells.values() if r.get("role") == "base"), None)
+        any_row = next(iter(cells.values()))
+        out.append({
+            "metric": key[0], "subset": key[1], "metric_name": any_row.get("metric_name", key[0]),
+            "higher_is_better": any_row.get("higher_is_better"), "base": base,
+            "candidates": [cells.get(c) for c in cands],
+            "notes": sorted({r["note"] for r in cells.values() if r.get("note")}),
+        })
+    return out
+
+
+def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_label: str) -> list[dict]:
+    by = defaultdict(dict)
+    for r in per_image:
+        by[(r["subset"], r["index"], r["seed"])][r["checkpoint"]] = r
+    rows = []
+    for (subset, index, seed), cells in by.items():
+        base = cells.get(base_label)
+        first = base or next(iter(cells.values()))
+        ref = first.get("reference")
+        row = {
+            "subset": subset, "index": index, "seed": seed, "prompt": first.get("prompt", ""),
+            "base": _cell(run_dir, base),
+            "cands": [_cell(run_dir, cells.get(c)) for c in cands],
+            "reference": image_uri(layout.resolve(run_dir, ref)) if ref else None,
+            "reference_path": ref,
+        }
+        first_c = row["cands"][0] if row["cands"] else row["base"]
+        row["sort_clip"] = first_c["clip"] if first_c else None
+        row["sort_art"] = first_c["art"] if first_c else None
+        b = row["base"]
+        row["sort_dclip"] = (first_c["clip"] - b["clip"]) if first_c and b and _ok(first_c["clip"]) and _ok(b["clip"]) \
+            else None
+        rows.append(row)
+    # Worst first without JavaScript too: lowest candidate CLIP score at the top.
+    rows.sort(key=lambda r: (r["sort_clip"] is None or not _ok(r["sort_clip"]), r["sort_clip"] or 0.0))
+    return rows
+
+
+def _ok(v) -> bool:
+    return v is not None and isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def _cell(run_dir: Path, r: dict | None) -> dict | None:
+    if r is None:
+        return None
+    return {
+        "img": image_uri(layout.resolve(run_dir, r.get("image"))), "path": r.get("image"),
+        "clip": r.get("clip_score"), "art": r.get("artifact_score"), "nonfinite": bool(r.get("nonfinite")),
+        "heatmap": image_uri(layout.resolve(run_dir, r["heatmap"])) if r.get("heatmap") else None,
+    }
+
+
+def _artifacts(run_dir: Path, per_image: list[dict], labels: list[str], limit: int = 12) -> dict:
+    scored = [r for r in per_image if _ok(r.get("artifact_score"))]
+    if not scored:
+        return {"available": False}
+    series = {lab: [r["artifact_score"] for r in scored if r["checkpoint"] == lab] for lab in labels}
+    groups = sorted({r["subset"] for r in scored})
+    means = {lab: [float(np.mean([r["artifact_score"] for r in scored if r["checkpoint"] == lab and r["subset"] == g]
+                                 or [math.nan])) for g in groups] for lab in labels}
+    worst = sorted(scored, key=lambda r: -r["artifact_score"])[:limit]
+    return {
+        "available": True,
+        "plot": data_uri_png(plots.grouped_bars(groups, means, ylabel="mean artifact score")),
+        "summary": [{"checkpoint": lab, "n": len(v), "mean": float(np.mean(v)) if v else None,
+                     "max": float(np.max(v)) if v else None} for lab, v in series.items()],
+        "worst": [{"checkpoint": r["checkpoint"], "subset": r["subset"], "prompt": r.get("prompt", ""),
+                   "seed": r["seed"], "score": r["artifact_score"], **_cell(run_dir, r)} for r in worst],
+    }
+
+
+def _cluster(results: dict) -> list[dict]:
+    out = []
+    for label, per_ckpt in results.get("breakdowns", {}).items():
+        for ckpt, rows in per_ckpt.items():
+            cols: list[str] = []
+            for r in rows:
+                cols += [k for k in r if k not in cols]
+            out.append({"metric": label, "checkpoint": ckpt, "columns": cols, "rows": rows})
+    return out
+
+
+def _grids(run_dir: Path, results: dict) -> list[dict]:
+    out = []
+    for g in results.get("grids", []):
+        pages = [image_uri(layout.resolve(run_dir, p), max_side=1600) for p in g.get("pages", [])]
+        out.append({**g, "page_uris": [p for p in pages if p]})
+    return out
+
+
+def _xray(run_dir: Path, results: dict) -> list[dict]:
+    out = []
+    for x in results.get("xray", []):
+        stats = x.get("stats") or {}
+        plot = data_uri_png(plots.line_series(stats, xlabel="denoising step", ylabel="value")) if stats else None
+        out.append({**x, "strip_uri": image_uri(layout.resolve(run_dir, x.get("strip")), max_side=2400),
+                    "plot": plot})
+    return out
+
+
+def _surfaces(results: dict) -> list[dict]:
+    out = []
+    for s in results.get("surfaces", []):
+        for metric, hib in (("clip_score", True), ("artifact_score", False)):
+            grids = {ck: np.array(v, dtype=float) for ck, v in s.get(metric, {}).items()}
+            if not grids or all(not np.isfinite(g).any() for g in grids.values()):
+                continue
+            png = plots.surface_heatmaps(s["x_values"], s["y_values"], grids, x_label=s["x_axis"],
+                                         y_label=s["y_axis"], metric=metric, higher_is_better=hib)
+            out.append({"grid": s["grid"], "metric": metric, "plot": data_uri_png(png)})
+    return out
+
+
+def _forgetting(results: dict, suite: dict) -> dict:
+    kinds = {name: ps.get("kind", "generic") for name, ps in suite.get("prompts", {}).items()}
+    rows = [r for r in results.get("rows", []) if r["subset"] in kinds]
+    if not rows or len(set(kinds.values())) < 2:
+        present = sorted(set(kinds.values()))
+        return {"available": False, "kinds": present, "rows": rows and _headline({**results, "rows": rows})}
+    table = _headline({**results, "rows": rows})
+    for t in table:
+        t["kind"] = kinds[t["subset"]]
+    plots_ = []
+    for metric in dict.fromkeys(r["metric"] for r in rows):
+        sub = [r for r in rows if r["metric"] == metric]
+        groups = list(dict.fromkeys(f"{r['subset']} ({kinds[r['subset']]})" for r in sub))
+        labels = list(dict.fromkeys(r["checkpoint"] for r in sub))
+        series, errs = {}, {}
+        for lab in labels:
+            vals, ci = [], []
+            for g in groups:
+                r = next((x for x in sub if x["checkpoint"] == lab and f"{x['subset']} ({kinds[x['subset']]})" == g), {})
+                vals.append(r.get("value"))
+                ci.append((r.get("ci_low"), r.get("ci_high")))
+            series[lab], errs[lab] = vals, ci
+        plots_.append({"metric": metric, "plot": data_uri_png(plots.grouped_bars(groups, series, ylabel=metric,
+                                                                                errors=errs))})
+    return {"available": True, "table": table, "plots": plots_}
+
+
+def _training(train_run: Path | None) -> dict | None:
+    if train_run is None:
+        return None
+    f = Path(train_run) / "metrics.jsonl" if Path(train_run).is_dir() else Path(train_run)
+    if not f.is_file():
+        raise HarnessError(f"{train_run}: no metrics.jsonl there (expected a training run folder)")
+    records = read_jsonl(f)
+    png = plots.training_curves(records)
+    return {"path": str(f), "n": len(records), "plot": data_uri_png(png) if png else None,
+            "last": records[-1] if records else None}
+
+
+def build_context(run_dir: str | Path, train_run: str | Path | None = None) -> dict:
+    run_dir = Path(run_dir)
+    run = layout.read_run(run_dir)
+    results = layout.read_results(run_dir)
+    per_image = read_jsonl(run_dir / layout.PER_IMAGE)
+    suite = run.get("suite_config", {})
+    ckpts = results.get("checkpoints") or run.get("checkpoints", [])
+    base_label = next((c["label"] for c in ckpts if c["role"] == "base"), "base")
+    cands = [c["label"] for c in ckpts if c["role"] == "candidate"]
+    prov = results.get("provenance") or run.get("provenance", {})
+    return {
+        "title": f"{run['suite']['name']}: {', '.join(cands)} vs {base_label}",
+        "sections": SECTIONS, "suite": run["suite"], "suite_config": suite, "checkpoints": ckpts,
+        "base_label": base_label, "candidates": cands,
+        "headline": _headline(results), "gates": results.get("gates", []),
+        "gates_passed": results.get("gates_passed"), "notes": results.get("notes", []),
+        "images": _image_rows(run_dir, per_image, cands, base_label),
+        "grids": _grids(run_dir, results), "xray": _xray(run_dir, results),
+        "artifacts": _artifacts(run_dir, per_image, [base_label, *cands]),
+        "cluster": _cluster(results), "training": _training(train_run),
+        "surfaces": _surfaces(results), "forgetting": _forgetting(results, suite),
+        "provenance": prov, "run": run,
+        "run_json": json.dumps({k: run.get(k) for k in ("suite", "seeds", "generation", "data")}, indent=1,
+                               default=str),
+    }
+
+
+def render(context: dict) -> str:
+    return _env().get_template("report.html.j2").render(**context)
+
+
+def write_report(run_dir: str | Path, train_run: str | Path | None = None, out: str | Path | None = None) -> Path:
+    """Render ``RUN_DIR/report.html`` (or ``out``) from the run folder's files."""
+    run_dir = Path(run_dir)
+    html = render(build_context(run_dir, train_run))
+    path = Path(out) if out else run_dir / layout.REPORT
+    atomic_write_text(path, html)
+    log.info("report written to %s", path)
+    return path

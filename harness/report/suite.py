@@ -1,0 +1,242 @@
+"""Eval suites: what to generate, which metrics to compute against what, and which gates must pass.
+
+A suite is a YAML file (validated like recipes, through :func:`harness.config.load_config`) such as
+``eval/quick.yaml``. Paths inside it (prompt files, a reference folder) are relative to the suite
+file. Its identity (name, declared version and a hash of the resolved content including prompt
+files) is written into the run folder, so a run folder is never resumed by a different suite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from harness.config import load_config, to_dict
+from harness.errors import ConfigError
+from harness.report.verdict import GATE_RULES
+
+_LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Exactly one source: a prompt file (one prompt a line, ``#`` comments), inline prompts, or the
+    captions of the held-out split of ``--data`` (``heldout: true``)."""
+
+    file: str | None = None
+    prompts: tuple[str, ...] = ()
+    heldout: bool = False
+    limit: int | None = field(default=None, metadata={"min": 1})
+    # generic prompts measure forgetting; in_domain prompts measure what the fine-tune was for
+    kind: Literal["generic", "in_domain"] = "generic"
+
+    def __post_init__(self):
+        n = (self.file is not None) + bool(self.prompts) + self.heldout
+        if n != 1:
+            raise ValueError("a prompt set needs exactly one of 'file', 'prompts' or 'heldout: true'")
+
+
+@dataclass(frozen=True)
+class Generation:
+    width: int = field(default=512, metadata={"min": 8, "max": 4096})
+    height: int = field(default=512, metadata={"min": 8, "max": 4096})
+    steps: int = field(default=30, metadata={"min": 1, "max": 1000})
+    cfg: float = field(default=7.5, metadata={"min": 0.0, "max": 100.0})
+    scheduler: str | None = None  # a diffusers scheduler name; None keeps the checkpoint's own
+    negative_prompt: str = ""
+    batch_size: int = field(default=8, metadata={"min": 1})
+    dtype: Literal["fp32", "fp16", "bf16"] = "fp32"
+
+    def __post_init__(self):
+        if self.width % 8 or self.height % 8:
+            raise ValueError(f"generation size {self.width}x{self.height} must be divisible by 8 (the VAE's factor)")
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """One metric under the suite's label for it (``fid_clip``), naming a registry entry and settings."""
+
+    metric: str | None = None  # registry name; defaults to the label
+    subsets: tuple[str, ...] = ()  # prompt sets it is computed on; empty = all
+    settings: dict[str, Any] = field(default_factory=dict)  # passed to the metric's constructor
+
+
+@dataclass(frozen=True)
+class Reference:
+    """Real images the generations are compared with (FID/KID/CMMD, cluster KL's original data)."""
+
+    folder: str | None = None  # relative to the suite file, or absolute
+    heldout: bool = False  # the held-out split of --data
+    limit: int | None = field(default=None, metadata={"min": 1})
+
+
+@dataclass(frozen=True)
+class Grid:
+    """An x/y/z grid rendered for base and every candidate (axes in ``harness grid`` syntax)."""
+
+    name: str
+    prompt: str
+    x: str
+    y: str | None = None
+    z: str | None = None
+    seeds: tuple[int, ...] = (0,)
+
+
+@dataclass(frozen=True)
+class Xray:
+    samples: int = field(default=2, metadata={"min": 0})  # first N prompts of the first prompt set
+    preview: Literal["linear", "vae"] = "linear"
+
+
+@dataclass(frozen=True)
+class Gate:
+    min: float | None = None
+    max: float | None = None
+    min_mean: float | None = None
+    max_mean: float | None = None
+    max_increase: float | None = None
+    max_decrease: float | None = None
+    subset: str | None = None  # only this prompt set; None = every subset the metric has
+
+    def rules(self) -> list[tuple[str, float]]:
+        return [(r, getattr(self, r)) for r in GATE_RULES if getattr(self, r) is not None]
+
+
+@dataclass(frozen=True)
+class CI:
+    n_boot: int = field(default=1000, metadata={"min": 10})
+    alpha: float = field(default=0.05, metadata={"min": 0.001, "max": 0.5})
+    seed: int = 0
+    margin: float = field(default=0.0, metadata={"min": 0.0})  # practical-difference margin for verdicts
+
+
+@dataclass(frozen=True)
+class Models:
+    """Models the metrics use. Strings are hub names, local folders or files."""
+
+    clip: str = "ViT-B-32:openai"  # open_clip MODEL:PRETRAINED, or a local open_clip folder
+    detector: str | None = None  # cluster KL's detector (ultralytics weights or a harness YOLO folder)
+    estimator: str | None = None  # artifact estimator file from `harness estimator train`
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    prompts: dict[str, PromptSet]
+    metrics: dict[str, MetricSpec]
+    version: str = "1"
+    description: str = ""
+    seeds: tuple[int, ...] = (0,)  # every prompt is generated once per seed
+    generation: Generation = field(default_factory=Generation)
+    models: Models = field(default_factory=Models)
+    reference: Reference | None = None
+    grids: tuple[Grid, ...] = ()
+    xray: Xray = field(default_factory=Xray)
+    gates: dict[str, Gate] = field(default_factory=dict)
+    ci: CI = field(default_factory=CI)
+
+    def __post_init__(self):
+        if not self.prompts:
+            raise ValueError("key 'prompts': a suite needs at least one prompt set")
+        if not self.seeds:
+            raise ValueError("key 'seeds': a suite needs at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"key 'seeds' = {list(self.seeds)}: seeds repeat")
+        for label in [*self.prompts, *self.metrics]:
+            if not _LABEL.match(label):
+                raise ValueError(f"label {label!r}: use letters, digits, '_', '-' or '.'")
+        for label, spec in self.metrics.items():
+            for s in spec.subsets:
+                if s not in self.prompts:
+                    raise ValueError(f"key 'metrics.{label}.subsets': unknown prompt set {s!r}; "
+                                     f"prompt sets: {', '.join(self.prompts)}")
+        for label, gate in self.gates.items():
+            if label not in self.metrics:
+                raise ValueError(f"key 'gates.{label}': no metric labelled {label!r}; metrics: {', '.join(self.metrics)}")
+            if not gate.rules():
+                raise ValueError(f"key 'gates.{label}': give at least one of {', '.join(GATE_RULES)}")
+            if gate.subset is not None and gate.subset not in self.prompts:
+                raise ValueError(f"key 'gates.{label}.subset': unknown prompt set {gate.subset!r}")
+
+    def metric_name(self, label: str) -> str:
+        return self.metrics[label].metric or label
+
+    def subsets_of(self, label: str) -> tuple[str, ...]:
+        return self.metrics[label].subsets or tuple(self.prompts)
+
+    @property
+    def needs_data(self) -> bool:
+        return any(p.heldout for p in self.prompts.values()) or bool(self.reference and self.reference.heldout)
+
+
+def known_metrics() -> dict[str, Any]:
+    """Names a suite may use: the metrics registry (``harness.metrics``)."""
+    from harness.metrics import METRICS  # noqa: PLC0415 - heavy import, only when validating
+
+    return dict(METRICS)
+
+
+def check_metric_names(suite: Suite, where: str, known: dict[str, Any] | None = None) -> None:
+    known = known_metrics() if known is None else known
+    for label in suite.metrics:
+        name = suite.metric_name(label)
+        if name not in known:
+            raise ConfigError(f"{where}: key 'metrics.{label}': unknown metric {name!r}; "
+                              f"known metrics: {', '.join(sorted(known))}")
+
+
+def load_suite(path: str | Path, overrides: list[str] | None = None, *, check_names: bool = True) -> Suite:
+    """Read and validate a suite file; ``overrides`` are ``key=value`` strings (``ci.n_boot=200``)."""
+    suite = load_config(Suite, path, overrides)
+    base = Path(path).parent
+    for label, ps in suite.prompts.items():
+        if ps.file is not None and not _resolve(base, ps.file).is_file():
+            raise ConfigError(f"{path}: key 'prompts.{label}.file' = {ps.file!r}: no such file "
+                              f"(looked for {_resolve(base, ps.file)})")
+    if suite.reference and suite.reference.folder and not _resolve(base, suite.reference.folder).is_dir():
+        raise ConfigError(f"{path}: key 'reference.folder' = {suite.reference.folder!r}: not a folder")
+    if suite.reference and suite.reference.folder and suite.reference.heldout:
+        raise ConfigError(f"{path}: key 'reference': give 'folder' or 'heldout: true', not both")
+    if check_names:
+        check_metric_names(suite, str(path))
+    return suite
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p).expanduser()
+    return q if q.is_absolute() else base / q
+
+
+def read_prompt_file(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: prompt file is not UTF-8 text") from None
+    lines = [ln.strip() for ln in text.splitlines()]
+    prompts = [ln for ln in lines if ln and not ln.startswith("#")]
+    if not prompts:
+        raise ConfigError(f"{path}: prompt file has no prompts (one a line; '#' starts a comment)")
+    return prompts
+
+
+def resolve_path(suite_path: str | Path, p: str) -> Path:
+    return _resolve(Path(suite_path).parent, p)
+
+
+def suite_identity(suite: Suite, suite_path: str | Path) -> dict:
+    """Name, declared version and a content hash (the resolved suite plus its prompt files)."""
+    h = hashlib.sha256(json.dumps(to_dict(suite), sort_keys=True, default=str).encode())
+    for label, ps in sorted(suite.prompts.items()):
+        if ps.file is not None:
+            h.update(label.encode())
+            h.update(resolve_path(suite_path, ps.file).read_bytes())
+    return {"name": suite.name, "version": suite.version, "hash": h.hexdigest()[:16], "path": str(suite_path)}
+
+
+def replace(suite: Suite, **changes) -> Suite:
+    return dataclasses.replace(suite, **changes)
