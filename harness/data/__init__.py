@@ -1,0 +1,1 @@
+"""Datasets: the folder format, safe image decoding, the training loader, bucketing and splits."""
