@@ -19,6 +19,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "info": ("harness.models.commands", "describe a checkpoint: source, components, sizes, scheduler"),
     "zoo": ("harness.models.zoo_commands", "build the tiny model zoo (random or trained on digits)"),
     "export": ("harness.models.export_commands", "save a checkpoint as a diffusers folder and/or one .safetensors"),
+    "caption": ("harness.caption.commands", "BLIP captions for the images in a dataset folder that have none"),
+    "split": ("harness.data.split_commands", "hash-based train/val split written into metadata.jsonl"),
+    "data": ("harness.data.commands", "inspect a dataset folder: 'harness data stats DIR'"),
 }
 
 log = logging.getLogger("harness")
