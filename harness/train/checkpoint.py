@@ -1,0 +1,153 @@
+"""Training checkpoints: atomic, verified, rotated, and resumable exactly.
+
+A checkpoint is ``RUN/checkpoints/step-NNNNNNNN/`` holding accelerate's state (model, optimizer, RNG of
+every rank), ``lr_scheduler.pt``, ``ema.safetensors`` (when EMA is on), ``trainer_state.json`` (step,
+epoch, stage, data position, model fingerprint) and, written last, ``manifest.json`` with the sha256
+of every file. The folder is built under a ``.tmp-*`` name and renamed only when complete, so a kill
+never leaves a half-written folder under a name ``--resume latest`` would pick; a folder whose files
+do not match its manifest is skipped with a warning in favour of the previous one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from harness.errors import CheckpointError
+from harness.io import atomic_dir, atomic_write_json
+from harness.provenance import file_sha256
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MANIFEST = "manifest.json"
+STATE = "trainer_state.json"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Published checkpoints, oldest first (temporary folders of interrupted writes are not listed)."""
+    d = Path(run_dir) / CHECKPOINTS
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if p.is_dir() and (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def clean_stale(run_dir: str | Path) -> None:
+    """Remove leftovers of writes a kill interrupted (``.tmp-*`` / ``.old-*`` folders)."""
+    d = Path(run_dir) / CHECKPOINTS
+    if d.is_dir():
+        for p in d.iterdir():
+            if p.name.startswith((".tmp-", ".old-")):
+                log.warning("removing an unfinished checkpoint write %s", p)
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def write_manifest(path: Path) -> None:
+    files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*"))
+             if f.is_file() and f.name != MANIFEST}
+    atomic_write_json(path / MANIFEST, {"files": files})
+
+
+def verify_checkpoint(path: str | Path) -> str | None:
+    """None when every file matches the manifest, else what is wrong (one line)."""
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"no readable {MANIFEST} ({type(e).__name__})"
+    for rel, digest in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if file_sha256(f) != digest:
+            return f"{rel} does not match its checksum"
+    if STATE not in files:
+        return f"{STATE} is missing"
+    return None
+
+
+def find_resume(run_dir: str | Path, resume: str) -> Path | None:
+    """``resume`` is ``latest`` (newest intact checkpoint, or None when there is none yet) or a path."""
+    if resume != "latest":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(f"--resume {resume}: not a checkpoint folder")
+        problem = verify_checkpoint(path)
+        if problem:
+            raise CheckpointError(f"--resume {resume}: checkpoint is incomplete or corrupt: {problem}")
+        return path
+    candidates = list_checkpoints(run_dir)
+    for path in reversed(candidates):
+        problem = verify_checkpoint(path)
+        if problem is None:
+            return path
+        log.warning("checkpoint %s is incomplete or corrupt (%s); falling back to the previous one", path, problem)
+    if candidates:
+        raise CheckpointError(f"{Path(run_dir) / CHECKPOINTS}: no intact checkpoint to resume from "
+                              f"({len(candidates)} found, all corrupt)")
+    log.info("--resume latest: no checkpoint in %s yet; starting from the beginning", run_dir)
+    return None
+
+
+def save_checkpoint(accelerator, run_dir: str | Path, state: dict, lr_scheduler, ema=None,
+                    keep_last: int = 3) -> Path:
+    """Called on every rank (each saves its RNG state); the main rank publishes the folder."""
+    from accelerate.utils import broadcast_object_list
+
+    path = Path(run_dir) / CHECKPOINTS / checkpoint_name(state["step"])
+    with contextlib.ExitStack() as stack:
+        tmp = [None]
+        if accelerator.is_main_process:
+            tmp[0] = str(stack.enter_context(atomic_dir(path, overwrite=True)))
+        tmp = broadcast_object_list(tmp)[0]
+        accelerator.save_state(tmp, safe_serialization=True)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            torch.save(lr_scheduler.state_dict(), Path(tmp) / "lr_scheduler.pt")
+            if ema is not None:
+                ema.save(Path(tmp) / "ema.safetensors")
+            atomic_write_json(Path(tmp) / STATE, state)
+            write_manifest(Path(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        for old in list_checkpoints(run_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("saved checkpoint %s", path)
+    return path
+
+
+def read_state(path: str | Path) -> dict:
+    return json.loads((Path(path) / STATE).read_text())
+
+
+def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None) -> dict:
+    """Restore models, optimizer, RNG and EMA; refuse a checkpoint of another model. The LR scheduler
+    is restored by :func:`load_lr_scheduler` once the loop has built the checkpoint's stage."""
+    path = Path(path)
+    state = read_state(path)
+    theirs = state.get("fingerprint")
+    if theirs != fingerprint:
+        diff = sorted(k for k in set(fingerprint) | set(theirs or {}) if (theirs or {}).get(k) != fingerprint.get(k))
+        raise CheckpointError(f"{path}: checkpoint was made for another model or training setup (differs in: "
+                              f"{', '.join(diff)}); resume with the recipe that wrote it")
+    accelerator.load_state(str(path))
+    if ema is not None:
+        ema.load(path / "ema.safetensors")
+    log.info("resumed from %s (step %d)", path, state["step"])
+    return state
+
+
+def load_lr_scheduler(path: str | Path, lr_scheduler) -> None:
+    lr_scheduler.load_state_dict(torch.load(Path(path) / "lr_scheduler.pt", weights_only=True))
