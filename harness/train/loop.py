@@ -29,7 +29,7 @@ import torch
 
 from harness.config import to_dict
 from harness.errors import ConfigError, HarnessError
-from harness.io import atomic_write_json, atomic_write_text
+from harness.io import append_jsonl, atomic_write_json, atomic_write_text
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
@@ -39,6 +39,7 @@ from harness.train.cache import (
     default_cache_dir,
     encode_latent_dist,
     encode_text,
+    module_hash,
     sample_latents,
 )
 from harness.train.ema import EMA
@@ -592,6 +593,9 @@ def _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage,
     for micro in range(k):
         with timer("data"):
             batch = next(it)
+        if recipe.logging.data_order:
+            append_jsonl(Path(recipe.output_dir) / "data_order" / f"rank-{acc.process_index}.jsonl",
+                         {"step": state["step"] + 1, "micro": micro, "keys": batch["key"]})
         gen = step_generator(recipe.train.seed, state["step"], micro, acc.process_index)
         with contextlib.nullcontext() if micro == k - 1 else acc.no_sync(unet):
             with timer("encode"):
@@ -650,6 +654,9 @@ def _export(recipe: Recipe, models: Models, raw_unet, raw_te, out_dir: Path, sin
 
 def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, reason: str, validator) -> Path:
     acc.wait_for_everyone()
+    if recipe.logging.data_order:  # what each rank holds, to check that ranks agree with the saved weights
+        append_jsonl(run_dir / "data_order" / f"rank-{acc.process_index}.jsonl",
+                     {"step": state["step"], "unet_sha256": module_hash(raw_unet)})
     final = run_dir / "final"
     if acc.is_main_process:
         if ema is not None and recipe.ema.use_for_final:

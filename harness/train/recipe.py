@@ -134,6 +134,7 @@ class LoggingCfg:
     trackers: list[Literal["tensorboard", "wandb"]] = field(default_factory=lambda: ["tensorboard"])
     project: str = "harness"
     timing: bool = False  # split each step's time into data / encode / unet / optimizer
+    data_order: bool = False  # each rank writes data_order/rank-R.jsonl: the items of every step, for audits
 
 
 @dataclass(frozen=True)
