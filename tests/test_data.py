@@ -399,3 +399,15 @@ def test_dataset_stats_and_cli(tmp_path, capsys):
     assert len((root / "metadata.jsonl").read_text().splitlines()) == 2
     assert main(["split", str(root), "--val", "2"]) == 2
     assert "val_fraction: expected a number in [0, 1)" in capsys.readouterr().err
+
+
+def test_open_rgb_unaffected_by_ultralytics_pil_patch(tmp_path, monkeypatch):
+    import ultralytics.utils.patches as patches  # replaces PIL.Image.open with a pip-installing wrapper
+
+    tried = []
+    monkeypatch.setattr("ultralytics.utils.checks.check_requirements", lambda *a, **k: tried.append(a))
+    assert Image.open is patches.image_open
+    (tmp_path / "junk.jpg").write_text("not an image")
+    with pytest.raises(HarnessError, match="junk.jpg: not an image PIL can identify"):
+        open_rgb(tmp_path / "junk.jpg")
+    assert not tried

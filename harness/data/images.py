@@ -12,6 +12,7 @@ import io
 import logging
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -31,7 +32,16 @@ ALPHA_BACKGROUND = (255, 255, 255)
 _TRANSPOSED_ORIENTATIONS = {5, 6, 7, 8}
 
 _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, UnidentifiedImageError,
-                Image.DecompressionBombError, MemoryError, TypeError, IndexError, KeyError)
+                Image.DecompressionBombError, MemoryError, TypeError, IndexError, KeyError, ImportError)
+
+
+def _pil_open(source) -> Image.Image:
+    """PIL's own ``Image.open``. Importing ultralytics replaces it with a wrapper that, on any file PIL
+    cannot identify, tries to pip-install pi-heif (and raises ModuleNotFoundError offline); a
+    scraped folder full of junk must not trigger installs, so unwrap it when present."""
+    opener = Image.open
+    original = getattr(sys.modules.get(getattr(opener, "__module__", "") or ""), "_image_open", None)
+    return (original if callable(original) else opener)(source)
 
 
 def is_image_path(path: str | os.PathLike) -> bool:
@@ -59,7 +69,7 @@ def _open_checked(source, path: Path, max_pixels: int) -> Image.Image:
         with warnings.catch_warnings():
             # We apply our own limit below; PIL's warning would just be noise.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            im = Image.open(source)
+            im = _pil_open(source)
     except Image.DecompressionBombError as e:
         # PIL stops at twice its own limit before we see the size; say it in the same words as ours.
         found = re.search(r"\((\d+) pixels\)", str(e))

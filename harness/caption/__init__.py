@@ -1,0 +1,1 @@
+"""BLIP captioning of dataset folders (``harness caption``)."""
