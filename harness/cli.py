@@ -23,6 +23,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "split": ("harness.data.split_commands", "hash-based train/val split written into metadata.jsonl"),
     "data": ("harness.data.commands", "inspect a dataset folder: 'harness data stats DIR'"),
     "train": ("harness.train.commands", "fine-tune from a YAML recipe (also: accelerate launch -m harness.train)"),
+    "generate": ("harness.generate.commands", "generate images: prompts x seeds x checkpoints (resumable)"),
+    "grid": ("harness.generate.grid_commands", "x/y/z comparison grids over cfg, steps, scheduler, checkpoint, ..."),
+    "refine": ("harness.generate.refine_commands", "SDEdit late-step refinement of images (strength sweeps)"),
+    "xray": ("harness.generate.xray_commands", "record every denoising step: latent stats, predicted x0, previews"),
+    "technique": ("harness.generate.technique_commands", "inpaint | anagram | hybrid | interpolate"),
+    "score": ("harness.metrics.commands", "score image folders: FID/KID/CMMD/PRDC, CLIP score, cluster KL, with CIs"),
+    "eval": ("harness.report.commands", "run an eval suite: base vs candidates, metrics with CIs, gates, report"),
+    "report": ("harness.report.commands", "(re)write the HTML report of an eval run folder"),
+    "compare": ("harness.report.commands", "compare several eval runs in one table and a metric-vs-step plot"),
 }
 
 log = logging.getLogger("harness")
