@@ -64,6 +64,9 @@ class MetricSpec:
     metric: str | None = None  # registry name; defaults to the label
     subsets: tuple[str, ...] = ()  # prompt sets it is computed on; empty = all
     settings: dict[str, Any] = field(default_factory=dict)  # passed to the metric's constructor
+    # an optional metric whose model (models.estimator / models.detector) is not given is skipped with
+    # a note in the report instead of stopping the run
+    optional: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ class Grid:
 @dataclass(frozen=True)
 class Xray:
     samples: int = field(default=2, metadata={"min": 0})  # first N prompts of the first prompt set
-    preview: Literal["linear", "vae"] = "linear"
+    vae_every: int = field(default=0, metadata={"min": 0})  # also VAE-decode the predicted image every N steps
 
 
 @dataclass(frozen=True)
@@ -175,10 +178,16 @@ class Suite:
 
 
 def known_metrics() -> dict[str, Any]:
-    """Names a suite may use: the metrics registry (``harness.metrics``)."""
-    from harness.metrics import METRICS  # noqa: PLC0415 - heavy import, only when validating
+    """Names a suite may use: the metrics registry (:mod:`harness.metrics.registry`)."""
+    from harness.metrics.registry import METRICS
 
     return dict(METRICS)
+
+
+def metric_class(name: str):
+    from harness.metrics.registry import get_metric_class
+
+    return get_metric_class(name)
 
 
 def check_metric_names(suite: Suite, where: str, known: dict[str, Any] | None = None) -> None:

@@ -46,6 +46,31 @@ def paired_bootstrap_diff(base: Sequence[float], cand: Sequence[float], *, n_boo
     return mean, float(lo), float(hi)
 
 
+def paired_set_bootstrap(stat, ref: np.ndarray, base: np.ndarray, cand: np.ndarray, *, n_boot: int = 100,
+                         alpha: float = 0.05, seed: int = 0) -> tuple[float, float, float]:
+    """``stat(ref, cand) - stat(ref, base)`` for a set-vs-set statistic (FID, KID, CMMD) with a
+    bootstrap interval. Rows of ``base`` and ``cand`` are paired (same prompt and seed), so they are
+    resampled with the same indices; the shared reference is resampled once per replicate for both."""
+    ref, base, cand = (np.asarray(a) for a in (ref, base, cand))
+    if len(base) != len(cand):
+        raise ValueError(f"paired_set_bootstrap: base and cand must be paired rows, got {len(base)} and {len(cand)}")
+    d = float(stat(ref, cand) - stat(ref, base))
+    if len(ref) < 2 or len(base) < 2:
+        return d, math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    reps = []
+    for _ in range(n_boot):
+        r = ref[rng.integers(0, len(ref), len(ref))]
+        i = rng.integers(0, len(base), len(base))
+        reps.append(stat(r, cand[i]) - stat(r, base[i]))
+    reps = np.asarray(reps, dtype=np.float64)
+    reps = reps[np.isfinite(reps)]
+    if len(reps) < 2:
+        return d, math.nan, math.nan
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2])
+    return d, float(lo), float(hi)
+
+
 def diff_from_intervals(base: float, base_lo: float, base_hi: float,
                         cand: float, cand_lo: float, cand_hi: float) -> tuple[float, float, float]:
     """Interval of ``cand - base`` from two independent intervals, combining each side's half-width

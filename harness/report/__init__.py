@@ -1,0 +1,1 @@
+"""Eval suites, the comparison report, regression gates and run comparison."""
