@@ -88,6 +88,10 @@ def write_hostile(folder: Path, outside: Path) -> dict[str, str]:
     expected["fifo.png"] = "not a regular file"
     os.symlink("/nonexistent/nowhere.png", folder / "dangling.png")
     expected["dangling.png"] = "broken symlink"
+    (folder / "strip.png").write_bytes(png_bytes(1, 1_000_000))
+    expected["strip.png"] = "absurd dimensions"
+    photo("astronaut").save(os.fsencode(folder) + b"/bad\xffname.png")
+    expected["bad\ufffdname.png"] = "not valid UTF-8"
     lines = [
         json.dumps({"file_name": "../../etc/passwd", "text": "x"}),
         json.dumps({"file_name": "/etc/hostname", "text": "x"}),

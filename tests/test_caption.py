@@ -277,3 +277,19 @@ def test_sigkilled_cli_run_resumes_with_only_the_rest(zoo_dir, tmp_path):
     assert len(s.captioned) == len(names) - len(done) and len(s.skipped) == len(done)
     after = _snapshot(tmp_path)
     assert len(after) == len(names) and all(after[k] == v for k, v in done.items())
+
+
+def test_caption_hostile_folder_only_good_images_nothing_written_outside(blip, tmp_path):
+    from tests._data_helpers import write_hostile
+
+    root, outside = tmp_path / "ds", tmp_path / "outside"
+    expected = write_hostile(root, outside)
+    write_photos(root, ["chelsea"])
+    before_outside = sorted(p.name for p in outside.iterdir())
+    before = {p.name: p.read_bytes() for p in root.glob("*.txt")}
+    s = caption_folder(root, model=blip[0], processor=blip[1], output="txt", max_retries=0)
+    assert [p.name for p, _ in s.captioned] == ["chelsea.png"]
+    assert len(s.failed) == len(expected)
+    assert sorted(p.name for p in outside.iterdir()) == before_outside
+    assert all((root / name).read_bytes() == data for name, data in before.items())
+    assert not (root / "metadata.jsonl.tmp").exists() and not (root / "escape.txt").exists()

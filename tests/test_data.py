@@ -411,3 +411,13 @@ def test_open_rgb_unaffected_by_ultralytics_pil_patch(tmp_path, monkeypatch):
     with pytest.raises(HarnessError, match="junk.jpg: not an image PIL can identify"):
         open_rgb(tmp_path / "junk.jpg")
     assert not tried
+
+
+def test_stats_cli_on_hostile_folder_lists_every_bad_file(tmp_path, capsys):
+    root = tmp_path / "ds"
+    expected = write_hostile(root, tmp_path / "outside")
+    write_photos(root, ["rocket"])
+    assert main(["data", "stats", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "images: 1 " in out and f"unreadable/skipped: {len(expected)}" in out
+    assert all(fragment in out for fragment in expected.values())

@@ -132,6 +132,19 @@ def read_caption_file(path: Path, *, max_bytes: int = MAX_CAPTION_BYTES) -> str:
     return " ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _utf8(name: str) -> bool:
+    # os.walk gives undecodable bytes as lone surrogates, which cannot be written to JSON or a terminal.
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def _printable(name: str) -> str:
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
 def _walk(root: Path, skipped: list) -> tuple[list[Path], list[Path]]:
     """Image files and metadata files under ``root``; hidden entries ignored, folder symlinks not followed."""
     images, metas = [], []
@@ -142,13 +155,19 @@ def _walk(root: Path, skipped: list) -> tuple[list[Path], list[Path]]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=onerror):
         here = Path(dirpath)
         for d in list(dirnames):
-            if d.startswith(".") or (here / d).is_symlink():
+            if d.startswith(".") or (here / d).is_symlink() or not _utf8(d):
                 dirnames.remove(d)
-                if not d.startswith("."):
+                if not _utf8(d):
+                    skipped.append((here / _printable(d), "folder name is not valid UTF-8"))
+                elif not d.startswith("."):
                     skipped.append((here / d, "symlinked folder not followed"))
         dirnames.sort()
         for name in sorted(filenames):
             if name.startswith("."):
+                continue
+            if not _utf8(name):
+                if is_image_path(name) or name.endswith(".txt"):
+                    skipped.append((here / _printable(name), "file name is not valid UTF-8"))
                 continue
             if name == METADATA_NAME:
                 metas.append(here / name)

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # 64 MP: a 8000x8000 photo passes; a 65535x65535 PNG header (4.3 GP, ~13 GB decoded) does not.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Beyond this a "photo" is a strip: resizing it to cover a 512 px square would allocate gigapixels.
+MAX_ASPECT = 40.0
 # Background for transparent pixels: white matches how most viewers (and scrapers' thumbnails) show them.
 ALPHA_BACKGROUND = (255, 255, 255)
 # EXIF orientations 5-8 swap width and height.
@@ -81,6 +83,8 @@ def _open_checked(source, path: Path, max_pixels: int) -> Image.Image:
     w, h = im.size
     if w <= 0 or h <= 0:
         raise HarnessError(f"{path}: image has an empty size {w}x{h}")
+    if max(w / h, h / w) > MAX_ASPECT:
+        raise HarnessError(f"{path}: refused: absurd dimensions {w}x{h} (aspect ratio above {MAX_ASPECT:g}:1)")
     if w * h > max_pixels:
         raise HarnessError(f"{path}: refused: {w}x{h} = {w * h:,} pixels is above the limit of "
                            f"{max_pixels:,} (max_pixels; raise it if this image is genuine)")
