@@ -105,7 +105,7 @@ def write_hostile(folder: Path, outside: Path) -> dict[str, str]:
     expected["numbercaption.png"] = "expected a string"
     (folder / "metadata.jsonl").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe not utf8\n")
     for i, fragment in enumerate(["outside the dataset", "absolute", "outside the dataset", "not valid JSON",
-                                  "not a JSON object", "missing file", None, "not UTF-8"], start=1):
+                                  "not a JSON object", "no such file", None, "not UTF-8"], start=1):
         if fragment:
             expected[f"metadata.jsonl:{i}"] = fragment
     return expected

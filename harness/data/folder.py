@@ -113,6 +113,8 @@ def safe_join(base: Path, name, root: Path, root_real: Path) -> tuple[Path | Non
     if not joined.is_relative_to(root):
         return None, f"refused: file_name {name!r} points outside the dataset folder"
     reason = _inside(joined, root_real)
+    if reason == "missing file":
+        reason = f"file_name {name!r}: no such file"
     return (None, reason) if reason else (joined, None)
 
 
