@@ -151,3 +151,6 @@ def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None) 
 
 def load_lr_scheduler(path: str | Path, lr_scheduler) -> None:
     lr_scheduler.load_state_dict(torch.load(Path(path) / "lr_scheduler.pt", weights_only=True))
+    # Loading a scheduler's state does not touch the optimizer, whose lr the fresh scheduler just reset.
+    for group, lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.get_last_lr()):
+        group["lr"] = lr
