@@ -21,12 +21,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from harness.data.images import IMAGE_EXTENSIONS, is_image_path, open_rgb
 from harness.errors import HarnessError
 
 log = logging.getLogger(__name__)
 
 RESIZE_MODE = "pil_bicubic_uint8"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -34,19 +34,17 @@ def list_images(folder: str | Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise HarnessError(f"{folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # Hidden entries (".tmp-*" folders of an unfinished atomic write) are not part of the set.
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and is_image_path(p)
+                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
     if not files:
-        raise HarnessError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)})")
+        raise HarnessError(f"{folder}: no images found (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})")
     return files
 
 
 def load_image(path: str | Path) -> Image.Image:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.copy()
-    except OSError as e:
-        raise HarnessError(f"{path}: cannot read the image ({e})") from e
+    """Upright 8-bit RGB (the data stage's reader: EXIF orientation, alpha on white, 16-bit scaled)."""
+    return open_rgb(path)
 
 
 def float_to_uint8(x: torch.Tensor) -> torch.Tensor:
