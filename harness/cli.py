@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("harness.caption.commands", "BLIP captions for the images in a dataset folder that have none"),
     "split": ("harness.data.split_commands", "hash-based train/val split written into metadata.jsonl"),
     "data": ("harness.data.commands", "inspect a dataset folder: 'harness data stats DIR'"),
+    "estimator": ("harness.estimator.commands", "learned artifact estimator: build | train | score"),
     "train": ("harness.train.commands", "fine-tune from a YAML recipe (also: accelerate launch -m harness.train)"),
     "generate": ("harness.generate.commands", "generate images: prompts x seeds x checkpoints (resumable)"),
     "grid": ("harness.generate.grid_commands", "x/y/z comparison grids over cfg, steps, scheduler, checkpoint, ..."),
