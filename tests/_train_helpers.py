@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "cat", "camera", "moon", "horse", "hubble_deep_field",
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "coins", "camera", "moon", "horse", "hubble_deep_field",
           "immunohistochemistry", "retina", "page")
-CAPTIONS = ("an astronaut", "a cup of coffee", "a cat", "a rocket", "a cat on a blanket", "a man with a camera",
+CAPTIONS = ("an astronaut", "a cup of coffee", "a cat", "a rocket", "old coins", "a man with a camera",
             "the moon", "a horse", "galaxies", "cells", "a retina", "a page of text")
 REPO = Path(__file__).resolve().parents[1]
 
