@@ -15,8 +15,6 @@ import logging
 import os
 from pathlib import Path
 
-import torch
-
 from harness.errors import HarnessError
 from harness.io import atomic_dir
 from harness.models import single_file as sf
@@ -33,7 +31,7 @@ def _cast(state: dict, torch_dtype) -> dict:
     return {k: (v.to(torch_dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
 
 
-def ldm_state_dict(pipe, dtype=None) -> dict[str, torch.Tensor]:
+def ldm_state_dict(pipe, dtype=None) -> dict:
     """The pipeline's weights under LDM / A1111 names, floating tensors cast to ``dtype`` if given."""
     return _cast(sf.diffusers_to_ldm(pipe), parse_dtype(dtype))
 

@@ -17,8 +17,6 @@ import logging
 import shutil
 from pathlib import Path
 
-import torch
-
 from harness.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -227,8 +225,10 @@ def _rename(key: str, pairs: list[tuple[str, str, dict]], component: str) -> str
     return dst + rest
 
 
-def diffusers_to_ldm(pipe) -> dict[str, torch.Tensor]:
+def diffusers_to_ldm(pipe) -> dict:
     """The pipeline's weights under their original LDM / A1111 single-file names."""
+    import torch
+
     out: dict[str, torch.Tensor] = {}
 
     def put(name: str, v: torch.Tensor) -> None:

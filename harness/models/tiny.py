@@ -234,3 +234,39 @@ def _save_blip(d: Path, seed: int) -> None:
     model, processor = build_tiny_blip(seed)
     model.save_pretrained(str(d))
     processor.save_pretrained(str(d))
+
+
+def build_random_sd15(seed: int = 0, dtype=torch.float16, std: float = 0.02):
+    """A full-size SD 1.5 ``StableDiffusionPipeline`` (1.07B parameters, packaged configs) with random
+    weights made directly in ``dtype`` (~2 GB in fp16). For export round trips and benchmarks.
+
+    Drawing 1.07B normals takes ~40 s on two cores, so each tensor is a random N(0, std) pool of a
+    prime length tiled from a random offset: every tensor differs from every other, so a swapped or
+    transposed weight in a conversion still shows, and the model builds in seconds."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from harness.models.single_file import sd15_configs
+    from harness.models.tokenizer import clip_tokenizer
+
+    cfg = {k: {n: v for n, v in c.items() if not n.startswith("_")} for k, c in sd15_configs().items()}
+    with init_empty_weights():
+        models = [UNet2DConditionModel.from_config(cfg["unet"]), AutoencoderKL.from_config(cfg["vae"]),
+                  CLIPTextModel(CLIPTextConfig(**cfg["text_encoder"]))]
+    gen = torch.Generator().manual_seed(seed)
+    pool = torch.randn(1_000_003, generator=gen).mul_(std).to(dtype)
+    for model in models:
+        state = {}
+        for k, v in model.state_dict().items():
+            start = int(torch.randint(len(pool), (1,), generator=gen))
+            reps = v.numel() // len(pool) + 2
+            state[k] = pool.roll(-start).repeat(reps)[: v.numel()].view(v.shape).clone()
+        model.load_state_dict(state, assign=True)
+        model.eval()
+    unet, vae, text = models
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text, tokenizer=clip_tokenizer(), unet=unet,
+        scheduler=PNDMScheduler.from_config(sd15_configs()["scheduler"]), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False,
+    )
