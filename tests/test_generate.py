@@ -119,6 +119,14 @@ def test_grid_cells_match_single_generations_and_grid_json(pipe, cache, tiny_sd_
     assert again["counts"]["generated"] == 0 and again["counts"]["skipped"] == 16
 
 
+def test_size_axis_grid_draws_mixed_sizes(cache, tiny_sd_dir, tmp_path):
+    spec = GridSpec(checkpoint=str(tiny_sd_dir), prompt="a cat", x="size=64x64,32x48", steps=1)
+    data = run_grid(spec, tmp_path, progress=False, cache=cache)
+    boxes = {b["x"]: b["box"] for b in data["pages"][0]["boxes"]}
+    assert (boxes[1][2] - boxes[1][0], boxes[1][3] - boxes[1][1]) == (32, 48)
+    assert boxes[1][0] >= boxes[0][2]  # no overlap
+
+
 def test_large_grid_is_paged(cache, tiny_sd_dir, tmp_path):
     spec = GridSpec(checkpoint=str(tiny_sd_dir), prompt="a cat", x="cfg=1-6", y="seed=1,2", steps=1, **SIZE,
                     max_grid_px=400, batch_size=12)

@@ -102,6 +102,7 @@ def test_plan_grid_seed_axis_and_prompt_axis_with_search_replace():
     (dict(x="cfg=1,2", y="guidance=3,4"), r"both set guidance_scale"),
     (dict(x="size=64x64", y="width=64,128"), r"both set width"),
     (dict(x="cfg=1", seeds=()), r"at least one seed"),
+    (dict(x="lora_scale=0,1"), r"axis lora_scale needs LoRA weights"),
 ])
 def test_plan_grid_errors(kwargs, match):
     with pytest.raises(ConfigError, match=match):

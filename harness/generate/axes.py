@@ -12,6 +12,7 @@ Value syntax (A1111's, plus YAML lists):
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 
@@ -88,9 +89,12 @@ def canonical_axis(name: str) -> str:
 
 def _number(text: str, kind: str, where: str):
     try:
-        return int(text) if kind == "int" else float(text)
+        value = int(text) if kind == "int" else float(text)
     except ValueError:
         raise ConfigError(f"{where}: {text!r} is not {'an integer' if kind == 'int' else 'a number'}") from None
+    if kind == "float" and not math.isfinite(value):
+        raise ConfigError(f"{where}: {text!r} is not a finite number")
+    return value
 
 
 def expand_range(item: str, kind: str, where: str) -> list:
@@ -105,12 +109,17 @@ def expand_range(item: str, kind: str, where: str) -> list:
             raise ConfigError(f"{where}: range {item.strip()!r} yields {count} values")
         if count == 1:
             return [a]
+        if kind == "int" and max(abs(a), abs(b)) > 2**53:  # beyond exact float integers
+            raise ConfigError(f"{where}: range {item.strip()!r}: values too large")
         vals = [a + (b - a) * i / (count - 1) for i in range(count)]
         return [round(v) for v in vals] if kind == "int" else [round(v, 6) for v in vals]
     step = _number(m[3], kind, where) if m[3] is not None else (1 if b >= a else -1)
     if step == 0:
         raise ConfigError(f"{where}: range {item.strip()!r} has step 0")
-    n = int((b - a) / step + 1e-9) + 1
+    try:  # exact for ints; huge ints would overflow a float division
+        n = (b - a) // step + 1 if kind == "int" else int((b - a) / step + 1e-9) + 1
+    except OverflowError:
+        n = _LIMIT + 1
     if n <= 0:
         raise ConfigError(f"{where}: range {item.strip()!r} yields no values (step {step} does not lead from {a} to {b})")
     if n > _LIMIT:

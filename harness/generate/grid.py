@@ -99,6 +99,8 @@ def plan_grid(spec: GridSpec) -> GridPlan:
         seeds = [None]  # the axis gives each cell its seed
     elif not seeds:
         raise ConfigError("seeds: give at least one seed")
+    if "lora_scale" in names and not spec.lora:
+        raise ConfigError("axis lora_scale needs LoRA weights: set lora (--lora)")
     if "checkpoint" not in names and not spec.checkpoint:
         raise ConfigError("checkpoint: give a checkpoint (--model) or a checkpoint axis")
     if "prompt" not in names and not spec.prompt:
@@ -201,8 +203,9 @@ def draw_grid(images: dict[tuple[int, int], list], col_labels: list[str], row_la
     Returns (image, boxes) with boxes = [{"row", "col", "index", "box": [l, t, r, b]}]."""
     from PIL import Image, ImageDraw
 
-    first = next(iter(images.values()))[0]
-    lay = Layout(first.width, first.height, max(len(v) for v in images.values()))
+    every = [im for v in images.values() for im in v]  # cells may differ in size (a size axis)
+    lay = Layout(max(im.width for im in every), max(im.height for im in every),
+                 max(len(v) for v in images.values()))
     fnt = font(lay.font_size)
     small = font(max(10, lay.font_size * 3 // 4))
     line_h = int(lay.font_size * 1.25)
@@ -310,8 +313,9 @@ def run_grid(spec: GridSpec, out: str | Path, *, device: str | None = None, dtyp
     for zi in range(len(z_labels)):
         def load(c: Cell) -> list:
             return [Image.open(out / j.file).convert("RGB") for j in c.jobs]
-        sample = load(plan.cell(0, 0, zi))
-        lay = Layout(sample[0].width, sample[0].height, len(sample))
+        zcells = [c for c in plan.cells if c.z == zi]
+        lay = Layout(max(c.params["width"] for c in zcells), max(c.params["height"] for c in zcells),
+                     len(zcells[0].jobs))
         splits = pages(len(row_labels), len(col_labels), lay.cell_w + lay.gap, lay.img_h + lay.gap,
                        spec.max_grid_px)
         for pi, (rows, cols) in enumerate(splits):
