@@ -72,6 +72,7 @@ def test_scheduler_registry_builds_every_name_and_ddim_does_not_clip():
         sched = make_scheduler(name, cfg)
         assert sched.config.num_train_timesteps == 1000
     assert make_scheduler("ddim", cfg).config.clip_sample is False
+    assert make_scheduler("ddpm", {k: v for k, v in cfg.items() if k != "clip_sample"}).config.clip_sample is False
     assert make_scheduler("dpm++_karras", cfg).config.use_karras_sigmas is True
     assert canonical_scheduler("Euler Ancestral") == "euler_a"
     assert canonical_scheduler("PNDMScheduler") == "pndm"

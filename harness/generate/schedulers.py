@@ -7,6 +7,7 @@ steps_offset, prediction type) stays the model's; only the sampling algorithm ch
 from __future__ import annotations
 
 import difflib
+import inspect
 
 from harness.errors import ConfigError
 
@@ -61,12 +62,13 @@ def make_scheduler(name: str, config: dict):
 
     canonical = canonical_scheduler(name)
     cls_name, extra = SCHEDULERS[canonical]
+    cls = getattr(diffusers, cls_name)
     cfg = {**dict(config), **extra}
-    if cls_name == "DDIMScheduler":
-        # SD's DDPM/PNDM configs carry clip_sample=True, which clips latents to +-1 under DDIM and
-        # wrecks samples (latents are not bounded by 1).
+    if "clip_sample" in inspect.signature(cls.__init__).parameters:
+        # DDIM/DDPM default to (and SD's DDPM configs carry) clip_sample=True, which clips the x0
+        # estimate to +-1 and wrecks samples: SD latents are not bounded by 1.
         cfg["clip_sample"] = False
-    return getattr(diffusers, cls_name).from_config(cfg)
+    return cls.from_config(cfg)
 
 
 def scheduler_name_of(scheduler) -> str:
