@@ -315,6 +315,16 @@ def stage_steps(stage: StageCfg, steps_per_epoch: int) -> int:
     return min(total, stage.max_steps) if stage.max_steps else total
 
 
+def stage_totals(stages: list[StageCfg], steps_per_epoch: int, max_steps: int | None) -> list[int]:
+    """Optimizer steps of each stage; ``train.max_steps`` also caps the sum over all stages."""
+    out, left = [], max_steps if max_steps is not None else float("inf")
+    for s in stages:
+        n = int(min(stage_steps(s, steps_per_epoch), left))
+        out.append(n)
+        left -= n
+    return out
+
+
 # ---------------------------------------------------------------- validation
 
 class Validator:
@@ -502,7 +512,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     if validator is not None:
         validator.stopper.load(state.get("early_stopping", {}))
     acc.init_trackers(recipe.logging.project, config=_flat(to_dict(recipe)))
-    totals = [stage_steps(s, data.steps_per_epoch) for s in stages]
+    totals = stage_totals(stages, data.steps_per_epoch, recipe.train.max_steps)
     last_ckpt = [resume_path]
     stop = {"reason": "completed"}
 

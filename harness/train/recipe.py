@@ -61,7 +61,7 @@ class TrainCfg:
     batch_size: int = field(default=1, metadata=_r(1, 4096))  # per process
     grad_accum: int = field(default=1, metadata=_r(1, 1024))
     epochs: int = field(default=1, metadata=_r(1))
-    max_steps: int | None = field(default=None, metadata=_r(1))  # optimizer steps; caps epochs
+    max_steps: int | None = field(default=None, metadata=_r(1))  # optimizer steps; caps epochs (and all stages)
     lr: float = field(default=1e-5, metadata=_r(0.0, 1.0))
     lr_scheduler: LrScheduler = "constant"
     warmup_steps: int = field(default=0, metadata=_r(0))
@@ -71,7 +71,8 @@ class TrainCfg:
     adam_eps: float = field(default=1e-8, metadata=_r(0.0, 1.0))
     weight_decay: float = field(default=1e-2, metadata=_r(0.0, 1.0))
     max_grad_norm: float | None = field(default=1.0, metadata=_r(0.0))
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # YAML 1.1 reads a bare `no` as false, so false is accepted and means "no".
+    mixed_precision: Literal["no", "fp16", "bf16", False] = "no"
     gradient_checkpointing: bool = False
     t_min: int = field(default=0, metadata=_r(0, 100000))  # timesteps drawn from [t_min, t_max)
     t_max: int | None = field(default=None, metadata=_r(1, 100000))  # None: the schedule's length
@@ -80,6 +81,8 @@ class TrainCfg:
     cpu: bool = False  # force the CPU even when a GPU is present
 
     def __post_init__(self):
+        if self.mixed_precision is False:
+            object.__setattr__(self, "mixed_precision", "no")
         if self.t_max is not None and self.t_max <= self.t_min:
             raise ValueError(f"key 'train.t_max' = {self.t_max}: expected more than train.t_min = {self.t_min}")
 
