@@ -352,9 +352,9 @@ def test_yolo_detector_zoo_folder_and_pickle_refusal(zoo_dir, tmp_path):
 
 
 def test_registry_names_and_unknown():
-    for name in ("fid", "fid_clip", "kid", "cmmd", "clip_score", "cluster_kl", "prdc"):
+    for name in ("fid", "fid_clip", "kid", "cmmd", "clip_score", "cluster_kl", "prdc", "artifact_score"):
         assert get_metric_class(name).__name__
-    with pytest.raises(HarnessError, match="unknown; known: clip_score, cluster_kl, cmmd"):
+    with pytest.raises(HarnessError, match="unknown; known: artifact_score, clip_score, cluster_kl, cmmd"):
         get_metric_class("fjd")
     register_metric("_test_kid", "harness.metrics.fid:KID")
     try:

@@ -20,6 +20,8 @@ METRICS: dict[str, str | type] = {
     "prdc": "harness.metrics.prdc:PRDC",
     "clip_score": "harness.metrics.clip_score:CLIPScore",
     "cluster_kl": "harness.metrics.cluster_kl:ClusterKL",
+    # The learned artifact estimator's metric (estimator stage): per-image rating, compute_ci -> (low, high).
+    "artifact_score": "harness.estimator.metric:ArtifactScore",
 }
 
 # Set-vs-set metrics computed from one shared feature pass (harness.metrics.score.score_sets).
