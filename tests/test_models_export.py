@@ -169,3 +169,15 @@ def test_full_size_sd15_single_file_round_trip(tmp_path):
         str(f), config=str(sf.write_config_folder(tmp_path / "config")), local_files_only=True,
         safety_checker=None, dtype=torch.float16)
     _assert_same(pipe, theirs)
+
+
+def test_unfused_lora_adapters_are_refused(tiny_sd_dir, tmp_path):
+    from peft import LoraConfig
+
+    from harness.errors import CheckpointError
+
+    pipe = load_pipeline(tiny_sd_dir)
+    pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]))
+    with pytest.raises(CheckpointError, match="unfused LoRA adapters.*fuse_lora"):
+        export_single_file(pipe, tmp_path / "x.safetensors")
+    assert not (tmp_path / "x.safetensors").exists()

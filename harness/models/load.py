@@ -131,7 +131,6 @@ def load_pipeline(source, *, dtype="fp32", device=None, scheduler: str | None = 
         attach_lora(pipe, lora, scale=lora_scale, allow_pickle=allow_pickle)
     if device is not None:
         _to_device(pipe, device)
-    pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
@@ -222,9 +221,10 @@ def attach_lora(pipe, lora, *, scale: float = 1.0, allow_pickle: bool = False) -
     if not path.exists():
         raise CheckpointError(f"{path}: LoRA weights not found; expected a .safetensors file or a folder")
     if path.is_file():
-        if path.suffix.lower() in safety.PICKLE_SUFFIXES and safety.sniff(path) == "pickle" and not allow_pickle:
+        kind = safety.sniff(path)
+        if kind == "pickle" and not allow_pickle:
             raise safety.UnsafeCheckpointError(f"{path}: refused: {safety.PICKLE_RISK}")
-        if safety.sniff(path) == "safetensors":
+        if kind == "safetensors" or path.suffix.lower() in safety.SAFETENSORS_SUFFIXES:
             safety.read_safetensors_header(path)
         load_from, kwargs = str(path.parent), {"weight_name": path.name}
     else:

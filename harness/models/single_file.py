@@ -236,6 +236,11 @@ def diffusers_to_ldm(pipe) -> dict:
             raise CheckpointError(f"two weights map to the LDM name {name!r}; the pipeline is not SD-shaped")
         out[name] = v
 
+    adapters = [k for k in pipe.unet.state_dict() if ".lora_" in k or ".base_layer." in k]
+    if adapters or any(".lora_" in k for k in pipe.text_encoder.state_dict()):
+        raise CheckpointError("the pipeline has unfused LoRA adapters (e.g. "
+                              f"{(adapters or ['text_encoder'])[0]}); fuse them first: pipe.fuse_lora(); "
+                              "pipe.unload_lora_weights()")
     unet_pairs = unet_prefix_map(dict(pipe.unet.config))
     for k, v in pipe.unet.state_dict().items():
         put(PREFIX["unet"] + _rename(k, unet_pairs, "unet"), v)
