@@ -57,7 +57,7 @@ def test_sample_alone_equals_sample_inside_any_batch(pipe, scheduler):
 
 def test_single_sample_matches_the_diffusers_pipeline_call(pipe):
     ours = _gen(pipe, [Sample("a cat", seed=2, guidance_scale=7.0, steps=4)], scheduler="ddim")
-    from harness.generate.schedulers import make_scheduler
+    from harness.models.schedulers import make_scheduler
 
     own = pipe.scheduler
     try:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import yaml
 
 from harness.errors import ConfigError
-from harness.generate.schedulers import canonical_scheduler
+from harness.models.schedulers import canonical_scheduler
 
 # axis -> (value kind, parameter it sets). Cheap-to-batch axes vs expensive switches: see grid.py.
 AXES: dict[str, tuple[str, str]] = {

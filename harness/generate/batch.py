@@ -61,7 +61,7 @@ def job_key(params: dict) -> str:
 def make_params(checkpoint, prompt: str, seed: int, *, negative_prompt: str = "", guidance_scale: float = 7.5,
                 steps: int = 30, scheduler: str | None = None, width: int = 512, height: int = 512,
                 lora: str | None = None, lora_scale: float | None = None) -> dict:
-    from harness.generate.schedulers import canonical_scheduler
+    from harness.models.schedulers import canonical_scheduler
 
     return {"checkpoint": str(checkpoint), "prompt": str(prompt), "negative_prompt": str(negative_prompt or ""),
             "seed": int(seed), "guidance_scale": float(guidance_scale), "steps": int(steps),
@@ -187,7 +187,7 @@ def run_jobs(jobs: Sequence[Job], out: str | Path, *, batch_size: int = 8, devic
 
 
 def _class_of(name: str) -> str:
-    from harness.generate.schedulers import SCHEDULERS
+    from harness.models.schedulers import SCHEDULERS
 
     return SCHEDULERS[name][0]
 

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from harness.errors import ConfigError
-from harness.generate.schedulers import make_scheduler
+from harness.models.schedulers import make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ def denoise(pipe, samples: Sequence[Sample], *, width: int = 512, height: int = 
             decode: bool = True, progress: bool = False) -> Output:
     """Generate ``samples`` in one batched loop with ``pipe``'s UNet, VAE and text encoder.
 
-    scheduler: registry name (see :mod:`harness.generate.schedulers`) or None for the pipeline's own.
+    scheduler: registry name (see :mod:`harness.models.schedulers`) or None for the pipeline's own.
     init_latents: (B, C, h, w) clean latents for samples with strength < 1 (refinement, inpainting).
     noise: (B, C, h, w) starting noise replacing each seed's draw (slerp interpolation); the seeds still
         drive stochastic schedulers.

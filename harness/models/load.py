@@ -9,7 +9,6 @@ the hub even when a folder of that name exists).
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 import re
@@ -23,20 +22,6 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 _DTYPE_ALIASES = {"float32": "fp32", "float": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16"}
-
-# Short names for the schedulers people use with SD 1.5: alias -> (diffusers class, config overrides).
-SCHEDULERS: dict[str, tuple[str, dict]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "ddpm": ("DDPMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpm++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _FILE_SUFFIXES = safety.SAFETENSORS_SUFFIXES + safety.PICKLE_SUFFIXES + (".json", ".yaml", ".yml", ".onnx", ".gguf")
@@ -112,7 +97,7 @@ def load_pipeline(source, *, dtype="fp32", device=None, scheduler: str | None = 
     """Load an SD 1.x ``StableDiffusionPipeline`` from any supported source.
 
     ``dtype``: fp32/fp16/bf16 (None keeps the stored dtype for single files). ``device``: e.g. "cpu",
-    "cuda:0". ``scheduler``: a short name from :data:`SCHEDULERS` or a diffusers scheduler class name.
+    "cuda:0". ``scheduler``: a short name from :data:`harness.models.schedulers.SCHEDULERS` or a diffusers scheduler class name.
     ``lora``: a LoRA file or folder, fused into the weights at ``lora_scale``. ``allow_pickle``: permit
     ``.ckpt``/``.pt``/``.bin`` weights (read with ``torch.load(weights_only=True)`` only).
     ``cache_dir``: the Hugging Face cache to use for hub ids (default: the usual one)."""
@@ -202,17 +187,9 @@ def _load_hub(repo: str, torch_dtype, allow_pickle: bool, cache_dir):
 
 def set_scheduler(pipe, name: str) -> None:
     """Replace the pipeline's scheduler, keeping its noise schedule (betas, timesteps, prediction type)."""
-    import diffusers
+    from harness.models.schedulers import make_scheduler
 
-    cls_name, overrides = SCHEDULERS.get(name.lower(), (name, {}))
-    cls = getattr(diffusers, cls_name, None)
-    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.SchedulerMixin) \
-            or cls is diffusers.SchedulerMixin:
-        raise HarnessError(f"scheduler {name!r} is unknown; expected one of {', '.join(SCHEDULERS)} "
-                           "or a diffusers scheduler class name (e.g. DDIMScheduler)")
-    # SD latents are not bounded by +-1: clipping them (DDIM/DDPM's default) wrecks samples.
-    extra = {"clip_sample": False} if "clip_sample" in inspect.signature(cls.__init__).parameters else {}
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, **{**extra, **overrides})
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
 
 
 def attach_lora(pipe, lora, *, scale: float = 1.0, allow_pickle: bool = False) -> None:
