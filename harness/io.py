@@ -130,7 +130,11 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         if path.exists():
             old = path.with_name(f".old-{path.name}-{os.getpid()}")
             os.replace(path, old)
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old, path)  # put the previous version back under its name
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
