@@ -166,3 +166,47 @@ def chromium_screenshot(html_path: Path, png: Path) -> np.ndarray:
 
 def load_json(path: Path) -> dict:
     return json.loads(Path(path).read_text())
+
+
+# --- eval runs on the tiny zoo -----------------------------------------------------------------
+
+HOSTILE_DIR = 'data <b>&"\''
+
+
+def make_dataset(root: Path, n: int = 8) -> Path:
+    """Coloured squares with captions (one hostile), every other image in the held-out split."""
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(n):
+        a = np.zeros((64, 64, 3), np.uint8)
+        a[...] = rng.integers(0, 255, 3)
+        a[16:48, 16:48] = rng.integers(0, 255, 3)
+        Image.fromarray(a).save(root / f"img{i:02d}.png")
+        cap = HOSTILE + " " + HOSTILE_CAPTION if i == 0 else f"a square of colour {i}"
+        rows.append({"file_name": f"img{i:02d}.png", "text": cap, "split": "val" if i % 2 == 0 else "train"})
+    (root / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def perturbed_copy(src: Path, dst: Path, scale: float = 0.05, seed: int = 1) -> Path:
+    """The tiny SD with noise added to its UNet: a 'fine-tune' whose images really differ."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(str(src), safety_checker=None, requires_safety_checker=False)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * scale * (p.std() if p.numel() > 1 else 1.0))
+    pipe.save_pretrained(str(dst))
+    return dst
+
+
+def strip_provenance(results: dict) -> dict:
+    """results.json without what legitimately differs between runs (commands, hosts, paths of run dirs)."""
+    out = {k: v for k, v in results.items() if k not in ("provenance",)}
+    out["suite"] = {k: v for k, v in results["suite"].items() if k != "path"}
+    out["grids"] = [{k: v for k, v in g.items() if k != "pages"} for g in results.get("grids", [])]
+    out["xray"] = [{k: v for k, v in x.items() if k != "strip"} for x in results.get("xray", [])]
+    return out

@@ -44,10 +44,23 @@ class EvalResult:
         return 1 if self.failed else 0
 
 
-def _state():
+def _state(device: str | None):
+    """accelerate's view of the launch (``accelerate launch`` / ``torchrun`` set the environment).
+    On a machine without CUDA, or with ``--device cpu``, it must be told so to form a CPU (gloo) group."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    cpu = (device or "").startswith("cpu") or not torch.cuda.is_available()
+    return PartialState(cpu=cpu)
+
+
+def _leave_group(state) -> None:
+    """After generation only the main process works on: metrics must not try to sync with processes
+    that have exited (torchmetrics syncs whenever a process group exists)."""
+    import torch.distributed as dist
+
+    if state.num_processes > 1 and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _barrier(state) -> None:
@@ -60,9 +73,10 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
              device: str | None = None, allow_pickle: bool = False, report: bool = True,
              progress: bool = True) -> EvalResult:
     """Run a suite; see the module docstring. Returns the results (main process) and failed gates."""
-    state = _state()
+    state = _state(device)
     main = state.is_main_process
-    device = device or str(state.device)
+    # "cpu", not accelerate's "cpu:0": ultralytics refuses the latter
+    device = device or ("cpu" if state.device.type == "cpu" else str(state.device))
     run_dir = Path(out)
     suite = load_suite(suite_path, list(overrides))
     identity = suite_identity(suite, suite_path)
@@ -77,6 +91,7 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
     counts = generate_all(run_dir, suite, ckpts, items, rank=state.process_index, world=state.num_processes,
                           device=device, allow_pickle=allow_pickle, progress=progress and main)
     _barrier(state)
+    _leave_group(state)
     if not main:
         return EvalResult(run_dir, None, generated=counts["generated"], skipped=counts["skipped"])
 

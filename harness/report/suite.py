@@ -237,14 +237,24 @@ def resolve_path(suite_path: str | Path, p: str) -> Path:
     return _resolve(Path(suite_path).parent, p)
 
 
+# Keys that change what is generated (and so what a run folder's images and caches are). Metrics,
+# gates, CI settings and descriptions can change between reruns of one folder: scores are recomputed.
+IDENTITY_KEYS = ("name", "version", "prompts", "seeds", "generation", "reference", "grids", "xray")
+
+
 def suite_identity(suite: Suite, suite_path: str | Path) -> dict:
-    """Name, declared version and a content hash (the resolved suite plus its prompt files)."""
-    h = hashlib.sha256(json.dumps(to_dict(suite), sort_keys=True, default=str).encode())
+    """Name, declared version, ``hash`` of what decides the generated images (the keys above plus the
+    prompt files' contents) and ``full_hash`` of the whole resolved suite."""
+    d = to_dict(suite)
+    h = hashlib.sha256(json.dumps({k: d[k] for k in IDENTITY_KEYS}, sort_keys=True, default=str).encode())
     for label, ps in sorted(suite.prompts.items()):
         if ps.file is not None:
             h.update(label.encode())
             h.update(resolve_path(suite_path, ps.file).read_bytes())
-    return {"name": suite.name, "version": suite.version, "hash": h.hexdigest()[:16], "path": str(suite_path)}
+    full = hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode())
+    full.update(h.digest())
+    return {"name": suite.name, "version": suite.version, "hash": h.hexdigest()[:16],
+            "full_hash": full.hexdigest()[:16], "path": str(suite_path)}
 
 
 def replace(suite: Suite, **changes) -> Suite:
