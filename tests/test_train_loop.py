@@ -235,3 +235,14 @@ def test_two_stages_vpred_late_steps_ema_accum(tiny_sd_dir, data_dir, tmp_path, 
     assert [p.name for p in ckpts] == ["step-00000002", "step-00000004"]
     assert (ckpts[-1] / "ema.safetensors").is_file()
     assert json.loads((ckpts[0] / "trainer_state.json").read_text())["stage"] == 1
+
+
+def test_clip_score_hook_from_metrics(tiny_sd_dir, zoo_dir, data_dir, tmp_path):
+    r = recipe(tiny_sd_dir, data_dir, tmp_path, **{
+        "train.max_steps": 1, "validation.prompts": "[a cat]", "validation.eval_metrics": "[clip_score]",
+        "validation.scorer_models": f"{{clip_score: 'clip:{zoo_dir / 'clip'}'}}"})
+    final = train(r)
+    scores = [m["eval/clip_score"] for m in read_jsonl(final.parent / "metrics.jsonl") if "eval/clip_score" in m]
+    assert len(scores) == 2 and all(0.0 <= s <= 100.0 for s in scores)
+    with pytest.raises(ConfigError, match="set validation.scorer_models.artifact"):
+        train(recipe(tiny_sd_dir, data_dir, tmp_path / "x", **{"validation.eval_metrics": "[artifact]"}))

@@ -51,6 +51,7 @@ from harness.train.validation import (
     EarlyStopping,
     Scorer,
     ValItem,
+    build_scorers,
     check_scorers,
     drift_scorer,
     generate_samples,
@@ -333,7 +334,8 @@ class Validator:
     def __init__(self, recipe: Recipe, models: Models, data: Data, latent_cache, text_fn, run_dir: Path,
                  scorers: dict[str, Scorer]):
         v = recipe.validation
-        self.recipe, self.models, self.run_dir, self.scorers = recipe, models, run_dir, dict(scorers)
+        self.recipe, self.models, self.run_dir = recipe, models, run_dir
+        self.scorers = build_scorers(list(v.eval_metrics), scorers, dict(v.scorer_models), models.unet.device)
         stage0 = recipe.resolved_stages()[0]
         self.timesteps = list(v.timesteps) if v.timesteps else evenly_spaced(
             stage0.t_min, stage0.t_max or models.num_train_timesteps)
@@ -439,7 +441,7 @@ def train(recipe: Recipe, *, resume: str | None = None, scorers: dict[str, Score
     run_dir = Path(recipe.output_dir)
     scorers = dict(scorers or {})
     check_optimizer(recipe.train.optimizer)
-    check_scorers(list(recipe.validation.eval_metrics), scorers)
+    check_scorers(list(recipe.validation.eval_metrics), scorers, dict(recipe.validation.scorer_models))
     check_output_dir(run_dir, resume)
     acc = build_accelerator(recipe, run_dir)
     data = build_data(recipe, acc.num_processes, acc.process_index)

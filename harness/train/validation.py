@@ -97,15 +97,59 @@ def drift_scorer(reference: list) -> Scorer:
     return score
 
 
+def clip_score_scorer(spec: str, device="cpu") -> Scorer:
+    """Mean CLIP score of the samples against their prompts (``spec``: 'clip:NAME_OR_DIR' or 'hf:...')."""
+    from harness.metrics.clip_score import CLIPScore
+
+    metric = CLIPScore(spec, device=device)
+
+    def score(images: list, prompts: list[str]) -> float:
+        metric.reset()
+        metric.update(images, list(prompts))
+        return float(metric.compute())
+
+    return score
+
+
+def artifact_scorer(spec: str, device="cpu") -> Scorer:
+    """Mean predicted artifact rating (0 clean .. 5 ruined) of the learned estimator at ``spec``."""
+    from harness.estimator.score import ArtifactEstimator
+    from harness.metrics.images import to_batch
+
+    est = ArtifactEstimator.load(spec, device=device)
+
+    def score(images: list, prompts: list[str]) -> float:
+        return float(est.score_images(to_batch(images, None)).float().mean())
+
+    return score
+
+
 BUILTIN_SCORERS = ("drift",)
+# name -> builder(model spec, device); the spec comes from validation.scorer_models[name]
+SCORER_BUILDERS: dict[str, Callable[..., Scorer]] = {"clip_score": clip_score_scorer, "artifact": artifact_scorer}
 
 
-def check_scorers(names: list[str], given: dict[str, Scorer]) -> None:
-    """Every name in ``validation.eval_metrics`` must be built in or passed to ``train(scorers=...)``."""
+def check_scorers(names: list[str], given: dict[str, Scorer], models: dict[str, str]) -> None:
+    """Every name in ``validation.eval_metrics`` must be built in, passed to ``train(scorers=...)``, or a
+    :data:`SCORER_BUILDERS` name with its model in ``validation.scorer_models``."""
     for name in names:
-        if name not in BUILTIN_SCORERS and name not in given:
-            known = sorted(set(BUILTIN_SCORERS) | set(given))
-            raise ConfigError(f"key 'validation.eval_metrics' has {name!r}: no such scorer; known: {', '.join(known)}")
+        if name in BUILTIN_SCORERS or name in given:
+            continue
+        if name in SCORER_BUILDERS:
+            if name not in models:
+                raise ConfigError(f"key 'validation.eval_metrics' has {name!r}: set validation.scorer_models."
+                                  f"{name} to its model (e.g. clip:ViT-B-32:openai, or an estimator folder)")
+            continue
+        known = sorted(set(BUILTIN_SCORERS) | set(SCORER_BUILDERS) | set(given))
+        raise ConfigError(f"key 'validation.eval_metrics' has {name!r}: no such scorer; known: {', '.join(known)}")
+
+
+def build_scorers(names: list[str], given: dict[str, Scorer], models: dict[str, str], device="cpu") -> dict:
+    out = dict(given)
+    for name in names:
+        if name not in out and name in SCORER_BUILDERS:
+            out[name] = SCORER_BUILDERS[name](models[name], device=device)
+    return out
 
 
 @dataclass
