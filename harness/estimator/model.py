@@ -140,7 +140,7 @@ class ArtifactEstimatorNet(nn.Module):
         in_dim = (clip_dim if visual is not None else 0) + (self.conv.out_dim if self.conv else 0) + cfg.t_dim
         self.t_proj = nn.Sequential(nn.Linear(cfg.t_dim, cfg.t_dim), nn.GELU())
         self.mlp = nn.Sequential(
-            nn.LayerNorm(in_dim), nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
+            nn.BatchNorm1d(in_dim), nn.Linear(in_dim, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout),
             nn.Linear(cfg.hidden, cfg.hidden), nn.GELU(), nn.Linear(cfg.hidden, head_outputs(cfg)),
         )
         self.register_buffer("mean", torch.tensor(cfg.clip_mean, dtype=torch.float32).view(1, 3, 1, 1), False)

@@ -77,7 +77,9 @@ def _check_scale(values: pd.Series, scale: tuple[float, float], where: str, colu
     bad = num.isna() | (num < scale[0]) | (num > scale[1])
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
-        raise HarnessError(f"{where}: column '{column}' row {i + 1} = {values.iloc[i]!r} is outside the declared "
+        v = values.iloc[i]
+        v = v.item() if hasattr(v, "item") else v
+        raise HarnessError(f"{where}: column '{column}' row {i + 1} = {v!r} is outside the declared "
                            f"scale {scale[0]}..{scale[1]} ({int(bad.sum())} such row(s))")
 
 
