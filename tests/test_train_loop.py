@@ -223,7 +223,7 @@ def test_two_stages_vpred_late_steps_ema_accum(tiny_sd_dir, data_dir, tmp_path, 
                   "lr: 1.0e-5, t_min: 500, t_max: 750}]",
         "model.prediction_type": "v_prediction", "train.min_snr_gamma": 5.0, "train.noise_offset": 0.1,
         "train.grad_accum": 2, "train.batch_size": 2, "train.lr_scheduler": "constant", "train.warmup_steps": 0,
-        "ema.enabled": True, "train.t_min": 750, "train.t_max": 1000, "logging.timing": True})
+        "ema.enabled": True, "train.t_min": 750, "train.t_max": 1000, "logging.timing": True, "train.max_steps": 4})
     final = train(r)
     logged = [m for m in read_jsonl(final.parent / "metrics.jsonl") if "loss" in m]
     assert [(m["stage"], m["lr"]) for m in logged] == [("s1", 1e-3), ("s1", 1e-3), ("s2", 1e-5), ("s2", 1e-5)]
