@@ -16,6 +16,7 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown in --help (the loop's order).
 COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("harness.report.demo_commands", "the whole loop on a CPU: caption, fine-tune, eval, report (digits)"),
     "info": ("harness.models.commands", "describe a checkpoint: source, components, sizes, scheduler"),
     "zoo": ("harness.models.zoo_commands", "build the tiny model zoo (random or trained on digits)"),
     "export": ("harness.models.export_commands", "save a checkpoint as a diffusers folder and/or one .safetensors"),

@@ -632,8 +632,16 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
             continue
         log.info("digits world: training %s -> %s", name, out / name)
         t0 = time.perf_counter()
-        with atomic_dir(out / name, overwrite=overwrite) as tmp:
-            info = builders[name](tmp) or {}
+        try:
+            with atomic_dir(out / name, overwrite=overwrite) as tmp:
+                info = builders[name](tmp) or {}
+        except HarnessError as e:
+            if name != "estimator":
+                raise
+            # A short (test-sized) build may not train an estimator that beats the mean; the demo
+            # then skips the artifact score instead of scoring with a collapsed model.
+            log.warning("digits world: no artifact estimator: %s", e)
+            info = {"failed": str(e)}
         meta["parts"][name] = {**info, "seconds": round(time.perf_counter() - t0, 1)}
         atomic_write_json(meta_path, meta)
     return out
@@ -703,3 +711,8 @@ def _build_estimator(cfg: WorldConfig, sd_dir: Path, d: Path) -> dict:
                                  seed=cfg.seed, finetune_clip=False)
     final = result.metrics["per_timestep"]
     return {"heldout": final}
+
+
+def build_digits_zoo(out: str | Path, *, seed: int = 0, overwrite: bool = False, scale: float = 1.0) -> Path:
+    """The ``digits`` kind of ``harness zoo build``."""
+    return build_world(out, WorldConfig(seed=seed).scaled(scale), overwrite=overwrite)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
+from harness.models.digits import build_digits_zoo
 
 ZOO_PARTS = ("sd", "clip", "blip", "yolo")
 
@@ -18,7 +19,7 @@ def build_tiny(out: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
 
 
 # kind -> builder(out, *, seed, overwrite) -> out. Other stages add kinds (e.g. "digits").
-ZOO_BUILDERS: dict[str, Callable[..., Path]] = {"tiny": build_tiny}
+ZOO_BUILDERS: dict[str, Callable[..., Path]] = {"tiny": build_tiny, "digits": build_digits_zoo}
 
 
 def build(kind: str, out, *, seed: int = 0, overwrite: bool = False) -> Path:
