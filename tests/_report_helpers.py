@@ -210,3 +210,20 @@ def strip_provenance(results: dict) -> dict:
     out["grids"] = [{k: v for k, v in g.items() if k != "pages"} for g in results.get("grids", [])]
     out["xray"] = [{k: v for k, v in x.items() if k != "strip"} for x in results.get("xray", [])]
     return out
+
+
+def untrained_estimator(zoo: Path, out: Path) -> Path:
+    """An artifact estimator with a real config (the zoo's CLIP and VAE) and random weights: it exercises
+    the artifact-score plumbing, not its accuracy."""
+    import torch
+
+    from harness.estimator.dataset import load_vae, vae_identity
+    from harness.estimator.model import EstimatorConfig, build_net, load_clip, save_estimator
+
+    clip, clip_cfg, size, mean, std = load_clip(f"local-dir:{zoo / 'clip'}")
+    cfg = EstimatorConfig(clip=f"local-dir:{zoo / 'clip'}", clip_model_cfg=clip_cfg, clip_image_size=size,
+                          clip_mean=tuple(mean), clip_std=tuple(std), hidden=32, preview="linear", preview_size=16,
+                          image_size=64, timesteps=(0,), vae=vae_identity(load_vae(zoo / "sd"), zoo / "sd"))
+    torch.manual_seed(0)
+    save_estimator(build_net(cfg, clip).eval(), out)
+    return out

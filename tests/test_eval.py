@@ -18,6 +18,7 @@ from _report_helpers import (
     make_dataset,
     perturbed_copy,
     strip_provenance,
+    untrained_estimator,
 )
 
 from harness.cli import main as cli_main
@@ -29,10 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "tiny-cpu.yaml"
 
 
-def _overrides(zoo: Path) -> list[str]:
+def _overrides(s: dict) -> list[str]:
     # conf 0: the zoo's random detector scores its boxes ~0.001; keep them all so the cluster KL has crops
-    return [f"models.clip={zoo / 'clip'}", f"models.detector={zoo / 'yolo'}",
-            "metrics.cluster_kl.settings.conf=0.0", "metrics.cluster_kl.settings.imgsz=64"]
+    zoo = s["zoo"]
+    return [f"models.clip={zoo / 'clip'}", f"models.detector={zoo / 'yolo'}", f"models.estimator={s['estimator']}",
+            "metrics.cluster_kl.settings.conf=0.0", "metrics.cluster_kl.settings.imgsz=64",
+            "metrics.artifact_score.settings.heatmaps=2"]
 
 
 @pytest.fixture(scope="module")
@@ -40,13 +43,14 @@ def setup(zoo_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data = make_dataset(root / HOSTILE_DIR)
     cand = perturbed_copy(zoo_dir / "sd", root / "ft" / "checkpoint-100")
-    return {"root": root, "data": data, "cand": cand, "zoo": zoo_dir}
+    est = untrained_estimator(zoo_dir, root / "estimator")
+    return {"root": root, "data": data, "cand": cand, "zoo": zoo_dir, "estimator": est}
 
 
 def _eval_args(s, out: Path, *extra: str) -> list[str]:
     args = ["eval", str(SUITE), "--base", str(s["zoo"] / "sd"), "--candidate", str(s["cand"]), "--data",
             str(s["data"]), "--out", str(out)]
-    for o in _overrides(s["zoo"]):
+    for o in _overrides(s):
         args += ["--set", o]
     return args + list(extra)
 
@@ -63,7 +67,7 @@ def run(setup):
     try:
         out = setup["root"] / "run"
         res = run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(setup["cand"])], out=out,
-                       data=setup["data"], overrides=_overrides(setup["zoo"]), progress=False)
+                       data=setup["data"], overrides=_overrides(setup), progress=False)
     finally:
         torch.set_num_threads(threads)
     return res
@@ -85,7 +89,8 @@ def test_eval_writes_results_table_and_report(run, setup, tmp_path):
     assert len(keys) == len(df)
     for ck in labels:
         assert {(ck, "clip_score", "generic"), (ck, "clip_score", "in_domain"), (ck, "kid_clip", "in_domain"),
-                (ck, "fid_clip", "in_domain"), (ck, "cmmd", "in_domain"), (ck, "cluster_kl", "in_domain")} <= keys
+                (ck, "fid_clip", "in_domain"), (ck, "cmmd", "in_domain"), (ck, "cluster_kl", "in_domain"),
+                (ck, "artifact_score", "generic"), (ck, "artifact_score", "in_domain")} <= keys
     clip = df[(df.metric == "clip_score") & (df.checkpoint == labels[1])]
     assert clip.ci_low.notna().all() and (clip.ci_low <= clip.value).all() and (clip.value <= clip.ci_high).all()
     assert set(clip.verdict) <= {"better", "worse", "inconclusive"}
@@ -96,17 +101,22 @@ def test_eval_writes_results_table_and_report(run, setup, tmp_path):
     b = [r["clip_score"] for r in per if r["checkpoint"] == "base"]
     c = [r["clip_score"] for r in per if r["checkpoint"] != "base"]
     assert len(b) == len(c) == 14 and b != c
+    assert all(isinstance(r["artifact_score"], float) for r in per)
+    maps = [r for r in per if r["heatmap"]]
+    assert len(maps) == 2 * 2 * 2 and all((res.run_dir / r["heatmap"]).is_file() for r in maps)
     (per_class,) = results["breakdowns"]["cluster_kl"].values()
     assert per_class and {"name", "n_od", "n_bm", "n_tm", "kl_od_tm"} <= set(per_class[0])
     kl_rows = df[df.metric == "cluster_kl"]
     assert kl_rows.value.notna().all() and (kl_rows.value >= 0).all()
     assert results["surfaces"] and results["surfaces"][0]["clip_score"].keys() == set(labels)
+    assert results["surfaces"][0]["artifact_score"].keys() == set(labels)
     assert len(results["xray"]) == 2 and all(x["stats"] for x in results["xray"])
 
     html = res.report.read_text()
     check_report_html(html, report_html.SECTIONS)
     assert HOSTILE_DIR not in html  # the hostile data folder name appears only escaped
     assert "data &lt;b&gt;&amp;" in html
+    assert html.count('alt="heatmap"') >= 2 and "No artifact scores in this run" not in html
     px = chromium_screenshot(res.report, tmp_path / "shot.png")
     assert px.std() > 5.0, "the report renders blank in Chromium"
 
@@ -161,7 +171,7 @@ def test_bad_checkpoint_fails_before_generating(setup, tmp_path):
 
     with pytest.raises(CheckpointError, match="not found"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(tmp_path / "nope")], out=tmp_path / "r",
-                 data=setup["data"], overrides=_overrides(setup["zoo"]))
+                 data=setup["data"], overrides=_overrides(setup))
     assert not (tmp_path / "r").exists()
 
 
@@ -170,7 +180,7 @@ def test_run_dir_of_another_suite_version_is_refused(run, setup):
 
     with pytest.raises(HarnessError, match="made by suite 'tiny-cpu' version '1'.*use a new --out"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(setup["cand"])], out=run.run_dir,
-                 data=setup["data"], overrides=[*_overrides(setup["zoo"]), "seeds=[5, 6]"])
+                 data=setup["data"], overrides=[*_overrides(setup), "seeds=[5, 6]"])
 
 
 def test_heldout_suite_needs_data(setup, tmp_path):
@@ -178,7 +188,7 @@ def test_heldout_suite_needs_data(setup, tmp_path):
 
     with pytest.raises(HarnessError, match="held-out split.*--data"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(setup["cand"])], out=tmp_path / "r",
-                 overrides=_overrides(setup["zoo"]))
+                 overrides=_overrides(setup))
 
 
 @pytest.mark.slow

@@ -313,18 +313,77 @@ def _estimator_path(sc: Scoring, settings: dict | None = None) -> str | None:
     return (settings or {}).get("estimator") or sc.suite.models.estimator
 
 
+def _artifact_metric(sc: Scoring, cls, settings: dict):
+    """The artifact metric (its estimator and VAE load once per run); reset before each set."""
+    from harness.estimator.score import ArtifactEstimator
+
+    path = _estimator_path(sc, settings)
+    key = ("artifact", path, settings.get("vae_source"))
+    if key not in sc._extractors:
+        est = ArtifactEstimator.load(path, vae_source=settings.get("vae_source"), device=sc.device)
+        sc._extractors[key] = cls(est, device=sc.device)
+    m = sc._extractors[key]
+    m.reset()
+    return m
+
+
+def _image_batch(paths: Sequence[Path]):
+    import torch
+
+    from harness.metrics.images import load_image
+
+    return torch.stack([torch.from_numpy(np.array(load_image(p).convert("RGB"))).permute(2, 0, 1) for p in paths])
+
+
+def _artifact_values(sc: Scoring, cls, settings: dict, images: Sequence[Path]) -> list[float]:
+    m = _artifact_metric(sc, cls, settings)
+    for i in range(0, len(images), 16):
+        m.update(_image_batch(images[i:i + 16]))
+    return [float(v) for v in m.per_image().cpu().numpy()]
+
+
 def _artifact_cells(sc: Scoring, images: list[Path], prompts: list[str]) -> list[float] | None:
-    if not _estimator_path(sc):
+    label = next((lab for lab in sc.suite.metrics if "artifact" in sc.suite.metric_name(lab)), None)
+    if label is None or not _estimator_path(sc, dict(sc.suite.metrics[label].settings)):
         return None
-    return [float(v) for v in _artifact_values(sc, _estimator_path(sc), images)[0]]
+    from harness.report.suite import metric_class
 
-
-def _artifact_values(sc: Scoring, estimator: str, images: list[Path]):
-    raise NotImplementedError
+    settings = dict(sc.suite.metrics[label].settings)
+    return _artifact_values(sc, metric_class(sc.suite.metric_name(label)), settings, images)
 
 
 def artifact_score(sc: Scoring, label: str, name: str, cls, settings: dict, subsets: Sequence[str]) -> None:
-    raise NotImplementedError
+    """Per-image predicted artifact rating (lower is better), and heatmaps for the worst images."""
+    key = "artifact_score" if label == name else f"artifact_score:{label}"
+    n_maps = int(settings.pop("heatmaps", 8))
+    for ck in sc.ckpts:
+        for subset in subsets:
+            todo = [r for r in sc.usable(ck.label, subset) if r.get(key) is None]
+            for r, v in zip(todo, _artifact_values(sc, cls, settings, [sc.path(r) for r in todo]) if todo else []):
+                r[key] = v
+            worst = sorted((r for r in sc.usable(ck.label, subset) if r.get(key) is not None),
+                           key=lambda r: -r[key])[:n_maps]
+            for r in worst:
+                _heatmap(sc, cls, settings, r)
+    per_image_rows(sc, label, name, key, subsets, hib=False)
+
+
+def _heatmap(sc: Scoring, cls, settings: dict, r: dict) -> None:
+    """Gradient saliency of the estimator on the image, blended in red (harness.estimator.saliency)."""
+    from PIL import Image
+
+    from harness.estimator.saliency import artifact_map, overlay
+
+    out = sc.run_dir / layout.HEATMAPS / r["checkpoint"] / r["subset"] / f"{r['index']:05d}_s{r['seed']}.png"
+    if not out.is_file():
+        est = _artifact_metric(sc, cls, settings)._estimator
+        img = _image_batch([sc.path(r)])[0]
+        heat = artifact_map(est, img, method=settings.get("heatmap_method", "gradient"))
+        from harness.io import atomic_write
+
+        blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy(), heat))
+        atomic_write(out, lambda f: blended.save(f, format="PNG"))
+    r["heatmap"] = layout.rel(sc.run_dir, out)
 
 
 # --- cluster KL (harness.metrics) ----------------------------------------------------------------

@@ -177,16 +177,24 @@ class Suite:
         return any(p.heldout for p in self.prompts.values()) or bool(self.reference and self.reference.heldout)
 
 
+def _registry():
+    from harness.metrics.registry import METRICS, register_metric
+
+    # The artifact estimator (an earlier stage) provides its metric; register it if the registry lacks it.
+    if "artifact_score" not in METRICS:
+        register_metric("artifact_score", "harness.estimator.metric:ArtifactScore")
+    return METRICS
+
+
 def known_metrics() -> dict[str, Any]:
     """Names a suite may use: the metrics registry (:mod:`harness.metrics.registry`)."""
-    from harness.metrics.registry import METRICS
-
-    return dict(METRICS)
+    return dict(_registry())
 
 
 def metric_class(name: str):
     from harness.metrics.registry import get_metric_class
 
+    _registry()
     return get_metric_class(name)
 
 
