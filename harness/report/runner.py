@@ -270,11 +270,19 @@ def score_all(run_dir: Path, suite: Suite, suite_path, ckpts, items, data, *, de
     if bad:
         sc.notes.append(f"{bad} generated image(s) had NaN/Inf latents: marked in the report and left out of "
                         "every metric")
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(suite.metrics) + 1, desc="score", disable=not progress)
     for label, spec in suite.metrics.items():
         name = suite.metric_name(label)
+        bar.set_postfix_str(label)
         scoring.compute(sc, label, name, metric_class(name), dict(spec.settings), suite.subsets_of(label),
                         optional=spec.optional)
+        bar.update(1)
+    bar.set_postfix_str("grid surfaces")
     surfaces = scoring.surfaces(sc, _grid_records(run_dir, suite, ckpts))
+    bar.update(1)
+    bar.close()
     gate_results, gate_notes = gates.evaluate(suite, sc.rows, ckpts)
     sc.notes.extend(gate_notes)
     from harness.provenance import record
