@@ -103,7 +103,7 @@ def write_training_run(root: Path) -> Path:
     for s in range(0, 50, 5):
         append_jsonl(d / "metrics.jsonl", {"step": s, "loss": 1 / (s + 1), "lr": 1e-4})
         if s % 10 == 0:
-            append_jsonl(d / "metrics.jsonl", {"step": s, "val_loss": 1.2 / (s + 1)})
+            append_jsonl(d / "metrics.jsonl", {"step": s, "val_loss": 1.2 / (s + 1), "eval/clip_score": 20 + s / 10})
     return d
 
 

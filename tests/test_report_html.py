@@ -83,6 +83,14 @@ def test_plots_are_pngs():
                                  x_label="cfg", y_label="steps", metric="clip", higher_is_better=True)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots.training_curves([{"step": 1}]) is None
+    import io
+
+    from PIL import Image
+
+    one = Image.open(io.BytesIO(plots.training_curves([{"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}])))
+    three = Image.open(io.BytesIO(plots.training_curves([{"step": 1, "loss": 1.0, "lr": 1e-4},
+                                                         {"step": 2, "eval/clip_score": 21.0}])))
+    assert three.width > 2.5 * one.width  # loss, learning rate and in-training eval panels
     assert plots.metric_vs_step({"run": [(10, 1.0, 0.5, 1.5), (20, 2.0, float("nan"), 2.5)]},
                                 metric="fid", higher_is_better=False)[:4] == b"\x89PNG"
 

@@ -35,33 +35,25 @@ def _clean(v) -> float:
 
 
 def training_curves(records: Sequence[dict]) -> bytes | None:
-    """Loss, validation loss and learning rate against step, from a training run's metrics.jsonl."""
-    keys = [k for k in ("loss", "val_loss", "lr") if any(k in r for r in records)]
-    if not keys:
+    """Loss and validation loss, learning rate, and any in-training eval scores (``eval/...`` keys)
+    against step, from a training run's metrics.jsonl."""
+    keys = {r_key for r in records for r_key in r}
+    panels = [("loss", [k for k in ("loss", "val_loss") if k in keys]), ("learning rate", ["lr"] if "lr" in keys else []),
+              ("in-training eval", sorted(k for k in keys if k.startswith("eval/")))]
+    panels = [(name, ks) for name, ks in panels if ks]
+    if not panels:
         return None
-    loss_keys = [k for k in keys if k != "lr"]
-    ncols = (1 if loss_keys else 0) + ("lr" in keys)
-    fig, axes = plt.subplots(1, ncols, figsize=(4.2 * ncols, 3.0), squeeze=False)
-    ax_i = 0
-    if loss_keys:
-        ax = axes[0][ax_i]
-        for k in loss_keys:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.0), squeeze=False)
+    for ax, (name, ks) in zip(axes[0], panels):
+        for k in ks:
             pts = [(r["step"], _clean(r[k])) for r in records if k in r and "step" in r]
             if pts:
                 s, v = zip(*pts)
                 ax.plot(s, v, marker="." if len(pts) < 50 else None, label=k)
         ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.legend()
-        ax_i += 1
-    if "lr" in keys:
-        ax = axes[0][ax_i]
-        pts = [(r["step"], _clean(r["lr"])) for r in records if "lr" in r and "step" in r]
-        if pts:
-            s, v = zip(*pts)
-            ax.plot(s, v, color="tab:green")
-        ax.set_xlabel("step")
-        ax.set_ylabel("learning rate")
+        ax.set_ylabel(name)
+        if name != "learning rate":
+            ax.legend(fontsize=7)
     return _png(fig)
 
 
