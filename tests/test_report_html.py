@@ -38,9 +38,21 @@ def test_side_by_side_worst_first(fake_run):
     ctx = report_html.build_context(fake_run)
     clips = [r["sort_clip"] for r in ctx["images"]]
     assert clips == sorted(clips)
-    assert all(len(r["cands"]) == 1 and r["base"]["img"].startswith("data:image/png") for r in ctx["images"])
+    assert all(len(r["cands"]) == 1 and r["base"]["img"].startswith("data:image/jpeg;base64,") for r in ctx["images"])
     domain = [r for r in ctx["images"] if r["subset"] == "domain"]
     assert domain and all(r["reference"] for r in domain)
+
+
+def test_side_by_side_keeps_the_worst_of_large_runs(fake_run):
+    from harness.io import read_jsonl
+
+    per = read_jsonl(fake_run / "per_image.jsonl")
+    rows, total = report_html._image_rows(fake_run, per, ["cand"], "base", limit=2)
+    assert total == 8 and 2 <= len(rows) <= 6
+    worst_clip = sorted(r["clip_score"] for r in per if r["checkpoint"] == "cand")[:2]
+    assert sorted(r["sort_clip"] for r in rows)[:2] == worst_clip
+    worst_art = sorted((r["artifact_score"] for r in per if r["checkpoint"] == "cand"), reverse=True)[:2]
+    assert all(any(r["sort_art"] == a for r in rows) for a in worst_art)
 
 
 def test_missing_sections_still_present(tmp_path):

@@ -33,6 +33,7 @@ SECTIONS = (
     ("provenance", "Reproduce"),
 )
 THUMB = 256  # longest side of embedded images, px
+MAX_ROWS = 150  # side-by-side rows kept per sort key (worst first) when a suite has more
 
 
 def fmt(v, digits: int = 4) -> str:
@@ -52,8 +53,9 @@ def data_uri_png(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
 
 
-def image_uri(path: Path | None, max_side: int = THUMB) -> str | None:
-    """An image file as a PNG data URI, shrunk to ``max_side``; None if absent or unreadable."""
+def image_uri(path: Path | None, max_side: int = THUMB, fmt: str = "JPEG") -> str | None:
+    """An image file as a data URI, shrunk to ``max_side`` (JPEG keeps a report of thousands of
+    images at megabytes, not gigabytes); None if absent or unreadable."""
     if path is None or not Path(path).is_file():
         return None
     from PIL import Image
@@ -63,11 +65,15 @@ def image_uri(path: Path | None, max_side: int = THUMB) -> str | None:
             im = im.convert("RGB")
             im.thumbnail((max_side, max_side))
             buf = io.BytesIO()
-            im.save(buf, format="PNG", optimize=True)
+            if fmt == "PNG":
+                im.save(buf, format="PNG", optimize=True)
+            else:
+                im.save(buf, format="JPEG", quality=88)
     except (OSError, ValueError) as e:
         log.warning("%s: cannot embed image (%s)", path, e)
         return None
-    return data_uri_png(buf.getvalue())
+    mime = "image/png" if fmt == "PNG" else "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
 def _env() -> Environment:
@@ -103,7 +109,10 @@ def _headline(results: dict) -> list[dict]:
     return out
 
 
-def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_label: str) -> list[dict]:
+def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_label: str,
+                limit: int = MAX_ROWS) -> tuple[list[dict], int]:
+    """Rows of (prompt, seed) with every checkpoint's image; beyond ``limit`` rows only the worst
+    ``limit`` by each sort key are kept (the page must stay loadable). Returns (rows, total)."""
     by = defaultdict(dict)
     for r in per_image:
         by[(r["subset"], r["index"], r["seed"])][r["checkpoint"]] = r
@@ -111,24 +120,40 @@ def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_lab
     for (subset, index, seed), cells in by.items():
         base = cells.get(base_label)
         first = base or next(iter(cells.values()))
-        ref = first.get("reference")
-        row = {
-            "subset": subset, "index": index, "seed": seed, "prompt": first.get("prompt", ""),
-            "base": _cell(run_dir, base),
-            "cands": [_cell(run_dir, cells.get(c)) for c in cands],
-            "reference": image_uri(layout.resolve(run_dir, ref)) if ref else None,
-            "reference_path": ref,
-        }
-        first_c = row["cands"][0] if row["cands"] else row["base"]
-        row["sort_clip"] = first_c["clip"] if first_c else None
-        row["sort_art"] = first_c["art"] if first_c else None
-        b = row["base"]
-        row["sort_dclip"] = (first_c["clip"] - b["clip"]) if first_c and b and _ok(first_c["clip"]) and _ok(b["clip"]) \
-            else None
+        row = {"subset": subset, "index": index, "seed": seed, "prompt": first.get("prompt", ""),
+               "base": base, "cands": [cells.get(c) for c in cands], "reference_path": first.get("reference")}
+        lead = next((c for c in row["cands"] if c), None) or base or {}
+        row["sort_clip"] = _num(lead.get("clip_score"))
+        row["sort_art"] = _num(lead.get("artifact_score"))
+        row["sort_dclip"] = (row["sort_clip"] - _num(base.get("clip_score"))
+                             if base and row["sort_clip"] is not None and _num(base.get("clip_score")) is not None
+                             else None)
         rows.append(row)
-    # Worst first without JavaScript too: lowest candidate CLIP score at the top.
-    rows.sort(key=lambda r: (r["sort_clip"] is None or not _ok(r["sort_clip"]), r["sort_clip"] or 0.0))
-    return rows
+    total = len(rows)
+    # Worst first: lowest CLIP score, highest artifact score, largest CLIP drop.
+    keys = [lambda r: _key(r["sort_clip"]), lambda r: _key(r["sort_art"], worst_high=True),
+            lambda r: _key(r["sort_dclip"])]
+    if total > limit:
+        keep = {id(r) for k in keys for r in sorted(rows, key=k)[:limit]}
+        rows = [r for r in rows if id(r) in keep]
+    rows.sort(key=keys[0])
+    for row in rows:
+        row["base"] = _cell(run_dir, row["base"])
+        row["cands"] = [_cell(run_dir, c) for c in row["cands"]]
+        ref = row["reference_path"]
+        row["reference"] = image_uri(layout.resolve(run_dir, ref)) if ref else None
+    return rows, total
+
+
+def _num(v) -> float | None:
+    return float(v) if _ok(v) else None
+
+
+def _key(v, worst_high: bool = False) -> tuple[bool, float]:
+    """Sort key putting missing values last."""
+    if v is None:
+        return (True, 0.0)
+    return (False, -v if worst_high else v)
 
 
 def _ok(v) -> bool:
@@ -178,7 +203,7 @@ def _cluster(results: dict) -> list[dict]:
 def _grids(run_dir: Path, results: dict) -> list[dict]:
     out = []
     for g in results.get("grids", []):
-        pages = [image_uri(layout.resolve(run_dir, p), max_side=1600) for p in g.get("pages", [])]
+        pages = [image_uri(layout.resolve(run_dir, p), max_side=1600, fmt="PNG") for p in g.get("pages", [])]
         out.append({**g, "page_uris": [p for p in pages if p]})
     return out
 
@@ -188,7 +213,7 @@ def _xray(run_dir: Path, results: dict) -> list[dict]:
     for x in results.get("xray", []):
         stats = x.get("stats") or {}
         plot = data_uri_png(plots.line_series(stats, xlabel="denoising step", ylabel="value")) if stats else None
-        out.append({**x, "strip_uri": image_uri(layout.resolve(run_dir, x.get("strip")), max_side=2400),
+        out.append({**x, "strip_uri": image_uri(layout.resolve(run_dir, x.get("strip")), max_side=2400, fmt="PNG"),
                     "plot": plot})
     return out
 
@@ -255,13 +280,14 @@ def build_context(run_dir: str | Path, train_run: str | Path | None = None) -> d
     base_label = next((c["label"] for c in ckpts if c["role"] == "base"), "base")
     cands = [c["label"] for c in ckpts if c["role"] == "candidate"]
     prov = results.get("provenance") or run.get("provenance", {})
+    images, images_total = _image_rows(run_dir, per_image, cands, base_label)
     return {
         "title": f"{run['suite']['name']}: {', '.join(cands)} vs {base_label}",
         "sections": SECTIONS, "suite": run["suite"], "suite_config": suite, "checkpoints": ckpts,
         "base_label": base_label, "candidates": cands,
         "headline": _headline(results), "gates": results.get("gates", []),
         "gates_passed": results.get("gates_passed"), "notes": results.get("notes", []),
-        "images": _image_rows(run_dir, per_image, cands, base_label),
+        "images": images, "images_total": images_total,
         "grids": _grids(run_dir, results), "xray": _xray(run_dir, results),
         "artifacts": _artifacts(run_dir, per_image, [base_label, *cands]),
         "cluster": _cluster(results), "training": _training(train_run),
