@@ -624,7 +624,7 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
         "sd": lambda d: build_base(cfg, d),
         "clip": lambda d: _build_clip(cfg, ink[train], y[train], d),
         "blip": lambda d: _build_blip(cfg, ink[train], y[train], d),
-        "yolo": lambda d: {"detector": str(train_yolo(cfg, ink[train], y[train], d))},
+        "yolo": lambda d: train_yolo(cfg, ink[train], y[train], d) and {},
         "estimator": lambda d: _build_estimator(cfg, out / "sd", d),
     }
     for name in parts:
