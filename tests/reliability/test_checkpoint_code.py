@@ -41,7 +41,7 @@ def evil(tmp_path):
 def _error_line(capsys, rc: int) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if re.match(r"^harness \w+: error: ", ln)]
+    lines = [m.group(0) for ln in err.splitlines() if (m := re.search(r"harness \w+: error: .*", ln))]
     assert rc == 2 and len(lines) == 1, (rc, err)
     return lines[0]
 

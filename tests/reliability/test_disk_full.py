@@ -59,7 +59,7 @@ def _no_temp_files(folder: Path) -> list[str]:
 def _one_line(err: str) -> str:
     """The CLI's error line (progress bars may share stderr); exactly one, and no traceback."""
     assert "Traceback" not in err, err
-    lines = [ln for ln in err.splitlines() if re.match(r"^harness \w+: error: ", ln)]
+    lines = [m.group(0) for ln in err.splitlines() if (m := re.search(r"harness \w+: error: .*", ln))]
     assert len(lines) == 1, err
     return lines[0]
 
