@@ -14,6 +14,7 @@ Phases (each with its own progress bar on the main process):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -21,8 +22,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from harness.config import dump_yaml
-from harness.errors import ConfigError, HarnessError
-from harness.io import atomic_write_json, atomic_write_text, read_jsonl
+from harness.errors import HarnessError
+from harness.io import atomic_write_json, atomic_write_text
 from harness.report import layout, plan
 from harness.report.suite import Suite, load_suite, suite_identity
 from harness.report.verdict import GateResult
@@ -84,8 +85,8 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
     ckpts = plan.checkpoints(base, list(candidates))
     if main:
         ckpts = plan.with_hashes(ckpts)
-        old = plan.check_run_dir(run_dir, identity, ckpts)
-        _write_plan(run_dir, suite, identity, ckpts, items, data, old)
+        plan.check_run_dir(run_dir, identity, ckpts)  # refuses a folder of another suite or checkpoint
+        _write_plan(run_dir, suite, identity, ckpts, items, data)
     _barrier(state)
 
     counts = generate_all(run_dir, suite, ckpts, items, rank=state.process_index, world=state.num_processes,
@@ -109,12 +110,10 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
 
 # --- plan ------------------------------------------------------------------------------------
 
-def _write_plan(run_dir: Path, suite: Suite, identity: dict, ckpts, items, data, old: dict | None) -> None:
+def _write_plan(run_dir: Path, suite: Suite, identity: dict, ckpts, items, data) -> None:
     from harness.config import to_dict
     from harness.provenance import record
 
-    known = {c["label"]: c for c in (old or {}).get("checkpoints", [])}
-    known.update({c.label: asdict(c) for c in ckpts})
     run = {
         "schema": layout.RUN_SCHEMA, "suite": identity, "suite_config": to_dict(suite),
         "checkpoints": [asdict(c) for c in ckpts],
@@ -124,8 +123,7 @@ def _write_plan(run_dir: Path, suite: Suite, identity: dict, ckpts, items, data,
     }
     atomic_write_json(run_dir / layout.RUN, run)
     atomic_write_text(run_dir / layout.SUITE, dump_yaml(suite))
-    atomic_write_text(run_dir / layout.PROMPTS, "".join(
-        __import__("json").dumps(asdict(it)) + "\n" for it in items))
+    atomic_write_text(run_dir / layout.PROMPTS, "".join(json.dumps(asdict(it)) + "\n" for it in items))
 
 
 # --- generate --------------------------------------------------------------------------------
@@ -214,8 +212,6 @@ def _grid(run_dir: Path, suite: Suite, ck, g, *, device, dtype, allow_pickle) ->
                     max_cells=10_000)
     out = run_dir / layout.GRIDS / ck.label / g.name
     if (out / "grid.json").is_file():
-        import json
-
         return json.loads((out / "grid.json").read_text())
     return run_grid(spec, out, device=device, dtype=dtype, allow_pickle=allow_pickle, progress=False)
 
@@ -299,8 +295,6 @@ def score_all(run_dir: Path, suite: Suite, suite_path, ckpts, items, data, *, de
 
 
 def _grid_records(run_dir: Path, suite: Suite, ckpts) -> list[tuple[str, str, dict, Path]]:
-    import json
-
     out = []
     for g in suite.grids:
         for ck in ckpts:
@@ -324,8 +318,6 @@ def _grid_pages(run_dir: Path, suite: Suite, ckpts) -> list[dict]:
 
 
 def _xray_records(run_dir: Path, ckpts, items) -> list[dict]:
-    import json
-
     out = []
     for ck in ckpts:
         root = run_dir / layout.XRAY / ck.label
@@ -351,8 +343,6 @@ def _trace_stats(trace: dict) -> dict:
 
 
 def write_results(run_dir: Path, results: dict, per_image: list[dict]) -> None:
-    import json
-
     import pandas as pd
 
     atomic_write_text(run_dir / layout.PER_IMAGE, "".join(json.dumps(r) + "\n" for r in per_image))
@@ -364,8 +354,3 @@ def write_results(run_dir: Path, results: dict, per_image: list[dict]) -> None:
     atomic_write(run_dir / layout.TABLE_PARQUET, lambda f: df.to_parquet(f, index=False))
 
 
-def read_per_image(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / layout.PER_IMAGE)
-
-
-__all__ = ["EvalResult", "run_eval", "ConfigError"]
