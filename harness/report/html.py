@@ -120,7 +120,7 @@ def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_lab
     for (subset, index, seed), cells in by.items():
         base = cells.get(base_label)
         first = base or next(iter(cells.values()))
-        row = {"subset": subset, "index": index, "seed": seed, "prompt": first.get("prompt", ""),
+        row = {"order": len(rows), "subset": subset, "index": index, "seed": seed, "prompt": first.get("prompt", ""),
                "base": base, "cands": [cells.get(c) for c in cands], "reference_path": first.get("reference")}
         lead = next((c for c in row["cands"] if c), None) or base or {}
         row["sort_clip"] = _num(lead.get("clip_score"))
