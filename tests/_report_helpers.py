@@ -204,12 +204,8 @@ def perturbed_copy(src: Path, dst: Path, scale: float = 0.05, seed: int = 1) -> 
 
 
 def strip_provenance(results: dict) -> dict:
-    """results.json without what legitimately differs between runs (commands, hosts, paths of run dirs)."""
-    out = {k: v for k, v in results.items() if k not in ("provenance",)}
-    out["suite"] = {k: v for k, v in results["suite"].items() if k != "path"}
-    out["grids"] = [{k: v for k, v in g.items() if k != "pages"} for g in results.get("grids", [])]
-    out["xray"] = [{k: v for k, v in x.items() if k != "strip"} for x in results.get("xray", [])]
-    return out
+    """results.json without what legitimately differs between runs (the command line, host, time)."""
+    return {k: v for k, v in results.items() if k != "provenance"}
 
 
 def untrained_estimator(zoo: Path, out: Path) -> Path:
