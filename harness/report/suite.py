@@ -8,7 +8,6 @@ files) is written into the run folder, so a run folder is never resumed by a dif
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import re
@@ -263,7 +262,3 @@ def suite_identity(suite: Suite, suite_path: str | Path) -> dict:
     full.update(h.digest())
     return {"name": suite.name, "version": suite.version, "hash": h.hexdigest()[:16],
             "full_hash": full.hexdigest()[:16], "path": str(suite_path)}
-
-
-def replace(suite: Suite, **changes) -> Suite:
-    return dataclasses.replace(suite, **changes)
