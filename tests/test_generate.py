@@ -163,6 +163,17 @@ def test_generate_is_resumable_and_pngs_carry_parameters(cache, tiny_sd_dir, tmp
     assert (tmp_path / "run.json").is_file()
 
 
+def test_jobs_with_equal_parameters_but_different_files_are_all_generated(cache, tiny_sd_dir, tmp_path):
+    # A held-out set with repeated captions gives equal (prompt, seed) jobs that must fill two files.
+    from harness.generate.batch import Job, make_params, run_jobs
+
+    params = make_params(str(tiny_sd_dir), "a cat", 1, steps=2, guidance_scale=3.0, **SIZE)
+    jobs = [Job(params, "a/00000.png"), Job(params, "a/00001.png")]
+    assert run_jobs(jobs, tmp_path, progress=False, cache=cache)["generated"] == 2
+    assert (tmp_path / "a/00000.png").is_file() and (tmp_path / "a/00001.png").is_file()
+    assert run_jobs(jobs, tmp_path, progress=False, cache=cache)["generated"] == 0
+
+
 def _save_rgb(pipe, path, seed=1):
     img = to_pil(_gen(pipe, [Sample("a cat", seed=seed, steps=3)]).images)[0]
     img.save(path)

@@ -115,17 +115,20 @@ def read_png_params(path: str | Path) -> dict | None:
 # ---- running jobs --------------------------------------------------------------------------------------
 
 def pending_jobs(jobs: Sequence[Job], out: Path, jsonl: str = JSONL) -> list[Job]:
-    """Jobs not finished in ``out``; PNGs that landed without their jsonl line are recorded now."""
-    done = {r.get("key") for r in read_jsonl(out / jsonl) if (out / r.get("file", "")).is_file()}
+    """Jobs not finished in ``out``; PNGs that landed without their jsonl line are recorded now.
+
+    A job is done when *its file* holds an image of *its parameters*: two jobs with the same
+    parameters but different files (a held-out set with repeated captions) are both generated."""
+    done = {(r.get("file"), r.get("key")) for r in read_jsonl(out / jsonl) if (out / r.get("file", "")).is_file()}
     todo = []
     for job in jobs:
-        if job.key in done:
+        if (job.file, job.key) in done:
             continue
         path = out / job.file
         meta = read_png_params(path) if path.is_file() else None
         if meta is not None and meta.get("key") == job.key:
-            append_jsonl(out / jsonl, meta)
-            done.add(job.key)
+            append_jsonl(out / jsonl, {**meta, "file": job.file})
+            done.add((job.file, job.key))
             continue
         todo.append(job)
     return todo
