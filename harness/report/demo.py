@@ -1,6 +1,6 @@
 """``harness demo``: the whole loop on a CPU, on models that were really trained.
 
-caption -> fine-tune -> eval -> report, on the digits world (:mod:`harness.models.digits`): held-out
+caption -> fine-tune -> eval -> report, on the digits world (:mod:`harness.report.digits`): held-out
 digits restyled in red ink on cream paper (a style the base model has never drawn) are captioned by
 the world's BLIP with the suffix ", red ink", the base pipeline's UNet is fine-tuned on them with
 ``recipes/demo-digits.yaml`` through the project's trainer, and ``eval/demo-digits.yaml`` compares
@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
-from harness.models import digits as D
+from harness.report import digits as D
 
 log = logging.getLogger(__name__)
 

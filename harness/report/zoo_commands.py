@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.models.digits import build_digits_zoo
+from harness.report.digits import build_digits_zoo
 
 ZOO_PARTS = ("sd", "clip", "blip", "yolo")
 
@@ -18,7 +18,8 @@ def build_tiny(out: Path, *, seed: int = 0, overwrite: bool = False) -> Path:
     return build_zoo(out, seed=seed, overwrite=overwrite)
 
 
-# kind -> builder(out, *, seed, overwrite) -> out. Other stages add kinds (e.g. "digits").
+# kind -> builder(out, *, seed, overwrite) -> out. The command lives in report, the last stage, so it may
+# offer worlds that need every stage (the digits world trains an artifact estimator).
 ZOO_BUILDERS: dict[str, Callable[..., Path]] = {"tiny": build_tiny, "digits": build_digits_zoo}
 
 
