@@ -11,7 +11,7 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from harness.errors import CheckpointError, ConfigError, HarnessError
+from harness.errors import CheckpointError, ConfigError, HarnessError, UnsafeCheckpointError
 from harness.report import layout
 from harness.report.suite import Suite, read_prompt_file, resolve_path
 
@@ -107,16 +107,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip("._") or "model"
 
 
-def checkpoints(base: str, candidates: list[str]) -> list[Checkpoint]:
+def checkpoints(base: str, candidates: list[str], *, allow_pickle: bool = False) -> list[Checkpoint]:
     """Labels ('base', then each candidate's folder/file name, made unique); sources are checked now,
-    so a typo fails before an hour of generating the base model's images."""
+    so a typo or a refused pickle fails before an hour of generating the base model's images."""
     if not candidates:
         raise ConfigError("give at least one --candidate checkpoint")
     from harness.models.load import resolve_source
+    from harness.models.safety import PICKLE_RISK
 
     out, used = [], {"base"}
     for role, src in [("base", base)] + [("candidate", c) for c in candidates]:
-        resolve_source(src)  # raises CheckpointError with the reason
+        if resolve_source(src).kind == "pickle" and not allow_pickle:  # raises CheckpointError with the reason
+            raise UnsafeCheckpointError(f"{src}: refused: {PICKLE_RISK}")
         if role == "base":
             label = "base"
         else:

@@ -82,7 +82,7 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
     suite = load_suite(suite_path, list(overrides))
     identity = suite_identity(suite, suite_path)
     items = plan.prompt_items(suite, suite_path, data)
-    ckpts = plan.checkpoints(base, list(candidates))
+    ckpts = plan.checkpoints(base, list(candidates), allow_pickle=allow_pickle)
     if main:
         ckpts = plan.with_hashes(ckpts)
         plan.check_run_dir(run_dir, identity, ckpts)  # refuses a folder of another suite or checkpoint
