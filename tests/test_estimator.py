@@ -150,8 +150,10 @@ def test_artifact_score_metric(estimator_dir, sd_dir):
     per = metric.per_image()
     assert per.shape == (5,)
     assert torch.allclose(per[:3], est.score_images(a)) and metric.compute() == pytest.approx(per.mean().item())
-    lo, hi = metric.compute_ci(n_boot=200, alpha=0.1, seed=0)
-    assert lo <= per.mean().item() <= hi
+    res = metric.compute_ci(n_boot=200, alpha=0.1, seed=0)
+    assert res["value"] == pytest.approx(per.mean().item())
+    assert res["ci_low"] <= res["value"] <= res["ci_high"]
+    assert res["n_a"] == 5 and len(res["per_image"]) == 5
     with pytest.raises(HarnessError, match=r"expected a \[N, 3, H, W\] tensor"):
         metric.update(torch.zeros(3, 8, 8))
 

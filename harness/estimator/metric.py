@@ -3,7 +3,7 @@
     metric = ArtifactScore("runs/estimator", vae_source="path/to/sd")   # or estimator=ArtifactEstimator
     metric.update(images_uint8)              # [N, 3, H, W]
     metric.compute()                         # mean predicted rating
-    metric.compute_ci(n_boot=1000, alpha=0.05, seed=0)   # (low, high) percentile bootstrap
+    metric.compute_ci(n_boot=1000, alpha=0.05, seed=0)   # {"value", "ci_low", "ci_high", "n", ...}
     metric.per_image()                       # every image's score, in update order
 """
 
@@ -65,5 +65,12 @@ class ArtifactScore(Metric):
             raise HarnessError("ArtifactScore: no images (call update() first)")
         return s.float().mean()
 
-    def compute_ci(self, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
-        return bootstrap_ci(self.per_image().cpu().numpy(), n_boot, alpha, seed)
+    def compute_ci(self, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
+        """The same result shape as the metrics stage's ``compute_ci`` (value, ci_low, ci_high, n, ...)."""
+        scores = self.per_image().cpu().numpy()
+        lo, hi = bootstrap_ci(scores, n_boot, alpha, seed)
+        return {"metric": "artifact_score", "value": float(self.compute()), "ci_low": lo, "ci_high": hi,
+                "n_a": len(scores), "n_b": None, "n_boot": n_boot, "alpha": alpha, "ci_method": "percentile bootstrap",
+                "per_image": scores.tolist(), "estimator": {"clip": self._estimator.cfg.clip,
+                                                            "preview": self._estimator.cfg.preview,
+                                                            "head": self._estimator.cfg.head}}

@@ -20,7 +20,7 @@ METRICS: dict[str, str | type] = {
     "prdc": "harness.metrics.prdc:PRDC",
     "clip_score": "harness.metrics.clip_score:CLIPScore",
     "cluster_kl": "harness.metrics.cluster_kl:ClusterKL",
-    # The learned artifact estimator's metric (estimator stage): per-image rating, compute_ci -> (low, high).
+    # The learned artifact estimator's metric (estimator stage): per-image rating, compute_ci -> dict.
     "artifact_score": "harness.estimator.metric:ArtifactScore",
 }
 
