@@ -270,20 +270,55 @@ def _folder_key(files: list[Path], root: Path) -> str:
     return h.hexdigest()
 
 
-def extract_folder(folder, extractor: Extractor, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-    """Features [N, D] float32 of every image in ``folder`` (sorted order), streamed in batches."""
+def extract_files(files, extractor: Extractor, *, batch_size: int = 64, progress: bool = False,
+                  desc: str = "features") -> np.ndarray:
+    """Features [N, D] float32 of ``files`` in the given order, streamed in batches."""
     from tqdm.auto import tqdm
 
-    files = list_images(folder)
+    files = [Path(f) for f in files]
     out, sizes = [], set()
-    for i in tqdm(range(0, len(files), batch_size), desc=f"features {Path(folder).name}", disable=not progress):
+    for i in tqdm(range(0, len(files), batch_size), desc=desc, disable=not progress, leave=False):
         imgs = [load_image(f) for f in files[i:i + batch_size]]
         sizes.update(im.size for im in imgs)
         out.append(extractor.batch(imgs).numpy())
     if len(sizes) > 1:
-        log.warning("%s: images of %d different sizes; each is resized to %s by %s", folder, len(sizes),
+        log.warning("%s: images of %d different sizes; each is resized to %s by %s", desc, len(sizes),
                     extractor.input_size, RESIZE_MODE)
-    return np.concatenate(out).astype(np.float32)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, extractor.dim), np.float32)
+
+
+def extract_folder(folder, extractor: Extractor, *, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+    """Features [N, D] float32 of every image in ``folder`` (sorted order), streamed in batches."""
+    return extract_files(list_images(folder), extractor, batch_size=batch_size, progress=progress,
+                         desc=f"features {Path(folder).name}")
+
+
+def files_key(files, extractor: Extractor) -> str:
+    """Cache key of an explicit file list: resolved paths, sizes, modification times, and the extractor,
+    its input size and the resize mode (everything that changes the features)."""
+    h = hashlib.sha256()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps([extractor.identity, extractor.input_size, RESIZE_MODE, bool(extractor.normalize),
+                         CACHE_VERSION]).encode())
+    return h.hexdigest()[:24]
+
+
+def file_features(files, extractor: Extractor, cache_dir=None, *, batch_size: int = 32,
+                  desc: str = "features", progress: bool = False) -> np.ndarray:
+    """[N, D] float32 features of ``files`` in the given order, cached in ``cache_dir`` by :func:`files_key`."""
+    files = [Path(f) for f in files]
+    path = None
+    if cache_dir is not None and files:
+        path = Path(cache_dir) / f"features-{files_key(files, extractor)}.npz"
+        if path.is_file():
+            log.info("%s: %d features from cache %s", desc, len(files), path.name)
+            return load_features(path, extractor)["features"]
+    feats = extract_files(files, extractor, batch_size=batch_size, progress=progress, desc=desc)
+    if path is not None:
+        save_features(path, feats, extractor, n_files=len(files))
+    return feats
 
 
 def save_features(path, features: np.ndarray, extractor: Extractor | str, **meta) -> Path:

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import ConfigError, HarnessError
+from harness.metrics.features import file_features
 from harness.report import layout
-from harness.report.features import file_features
 from harness.report.plan import Checkpoint, Item
 from harness.report.suite import Suite
 from harness.report.verdict import paired_bootstrap_diff, paired_set_bootstrap, verdict

@@ -211,8 +211,7 @@ def test_feature_cache_write_fails_names_path_and_keeps_other_cache(tmp_path, fa
     from _metrics_helpers import PoolNet
     from PIL import Image
 
-    from harness.metrics.features import ModuleExtractor, load_features
-    from harness.report.features import file_features
+    from harness.metrics.features import ModuleExtractor, file_features, load_features
 
     files = []
     for i in range(6):
