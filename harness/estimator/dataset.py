@@ -38,9 +38,13 @@ PAD_VALUE = 0.5  # letterbox grey: the middle of the preview's [0, 1] range
 
 # --- loading the VAE and the noise schedule ----------------------------------------------------
 
-def load_vae(source: str | Path, dtype: torch.dtype = torch.float32):
-    """An ``AutoencoderKL`` from a diffusers pipeline folder (its ``vae/``), a VAE folder, or a hub id."""
+def load_vae(source: str | Path, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False):
+    """An ``AutoencoderKL`` from anything :func:`harness.models.load.load_pipeline` reads (a diffusers
+    pipeline folder, a single ``.safetensors`` file, ``.ckpt`` with ``allow_pickle``, a hub id), or a
+    standalone VAE folder (``config.json`` + weights)."""
     from diffusers import AutoencoderKL
+
+    from harness.models.load import load_pipeline, resolve_source
 
     p = Path(source)
     try:
@@ -48,10 +52,14 @@ def load_vae(source: str | Path, dtype: torch.dtype = torch.float32):
             return AutoencoderKL.from_pretrained(str(p), subfolder="vae", torch_dtype=dtype).eval()
         if (p / "config.json").exists():
             return AutoencoderKL.from_pretrained(str(p), torch_dtype=dtype).eval()
-        if p.exists():
+        if p.is_dir():
             raise HarnessError(f"{p}: not a diffusers pipeline folder (no vae/config.json) nor a VAE folder "
                                "(no config.json)")
-        return AutoencoderKL.from_pretrained(str(source), subfolder="vae", torch_dtype=dtype).eval()
+        src = resolve_source(source)
+        if src.kind == "hub":  # the VAE alone, not the whole pipeline's download
+            return AutoencoderKL.from_pretrained(src.ref, subfolder="vae", torch_dtype=dtype).eval()
+        # single files hold every component in one LDM state dict: convert through the models loader
+        return load_pipeline(src.ref, dtype=dtype, allow_pickle=allow_pickle).vae.eval()
     except OSError as e:
         raise HarnessError(f"{source}: cannot load a VAE from it ({str(e).splitlines()[0]})") from e
 
