@@ -418,8 +418,19 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
 
     cpu = recipe.train.cpu or not torch.cuda.is_available()
     trackers = available_trackers(list(recipe.logging.trackers))
+    _forget_other_precision(recipe.train.mixed_precision)
     return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, log_with=trackers or None,
                        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps its state per process and refuses a second Accelerator with another precision, so
+    a second in-process run (a notebook, a test session) would fail; the process group (PartialState) stays."""
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision") not in (None, mixed_precision):
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
