@@ -2,7 +2,8 @@
 
 Idea (``shared/seeds/004``): detect objects in the original dataset (OD), base-model (BM) and
 trained-model (TM) images; crop every detection above ``conf``; embed the crops (CLIP image encoder
-by default, or any extractor); per detected class, fit PCA on the pooled crops of that class and
+by default, any extractor, or ``"detector"``: the detector's own neck features pooled in each box);
+per detected class, fit PCA on the pooled crops of that class and
 cluster them with k-means (k from the class's crop count); then compare the sets' distributions over
 (class, cluster) cells: KL(OD||TM), KL(BM||TM), Jensen-Shannon, and the class-frequency divergence
 alone, each with additive smoothing so an empty cell stays finite. Natural logs (nats).
@@ -130,6 +131,65 @@ class YoloDetector:
             out.append((b.xyxy.cpu().numpy(), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy()))
         return out
 
+    @torch.no_grad()
+    def box_features(self, images: list[Image.Image], boxes: list[np.ndarray], batch_size: int = 16) -> list:
+        """The detector's own per-box features: its neck's feature maps (what the Detect head reads,
+        captured with a forward pre-hook) average-pooled inside each box with ``roi_align`` at every
+        level, levels concatenated. Images are letterboxed to ``imgsz`` as predict does; ``boxes`` are
+        xyxy in the original image's pixels. Returns one float32 [n_boxes, D] tensor per image."""
+        from torchvision.ops import roi_align
+        from ultralytics.nn.modules.head import Detect
+
+        net = self.model.model if hasattr(self.model, "predict") else self.model
+        head = next((m for m in net.modules() if isinstance(m, Detect)), None)
+        if head is None:
+            raise HarnessError(f"{self.identity}: no Detect head found; detector features need a YOLO detector")
+        param = next(net.parameters())
+        captured: list = []
+        hook = head.register_forward_pre_hook(lambda _m, args: captured.append([t.float() for t in args[0]]))
+        out = []
+        try:
+            for i in range(0, len(images), batch_size):
+                chunk = images[i:i + batch_size]
+                x, places = zip(*(letterbox(im, self.imgsz) for im in chunk))
+                captured.clear()
+                net(torch.stack(x).to(param.device, param.dtype))
+                rois = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) * g + torch.tensor(
+                    [px, py, px, py]) for b, (g, px, py) in zip(boxes[i:i + batch_size], places)]
+                rois = [r.to(param.device) for r in rois]
+                levels = [roi_align(f, rois, output_size=(2, 2), spatial_scale=1.0 / float(st), sampling_ratio=2,
+                                    aligned=True).mean(dim=(2, 3)) for f, st in zip(captured[0], head.stride)]
+                feats = torch.cat(levels, dim=1).cpu()
+                out.extend(feats.split([len(r) for r in rois]))
+        finally:
+            hook.remove()
+        return out
+
+
+def letterbox(image: Image.Image, size: int, fill: int = 114) -> tuple[torch.Tensor, tuple[float, float, float]]:
+    """Resize the long side to ``size`` (aspect kept) and centre on a ``size`` square of grey, as
+    ultralytics' LetterBox does; returns the [3, size, size] float tensor in [0, 1] and (gain, pad_x, pad_y)."""
+    w, h = image.size
+    gain = size / max(w, h)
+    nw, nh = max(1, round(w * gain)), max(1, round(h * gain))
+    px, py = (size - nw) // 2, (size - nh) // 2
+    canvas = Image.new("RGB", (size, size), (fill, fill, fill))
+    canvas.paste(image.convert("RGB").resize((nw, nh), Image.BILINEAR), (px, py))
+    x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
+    return x, (nw / w, float(px), float(py))
+
+
+class DetectorFeatures:
+    """``embedder="detector"``: per-box features from the detector itself (see
+    :meth:`YoloDetector.box_features`) instead of embedding crops with a separate model."""
+
+    def __init__(self, detector):
+        if not hasattr(detector, "box_features"):
+            raise HarnessError(f"cluster_kl: embedder='detector' needs a detector with box_features() (such as "
+                               f"YoloDetector); got {type(detector).__name__}")
+        self.detector = detector
+        self.identity = f"detector-features:{getattr(detector, 'identity', type(detector).__name__)}"
+
 
 def crop_boxes(img: np.ndarray, boxes: np.ndarray, min_size: int) -> list[np.ndarray]:
     """Crops (HxWx3 uint8) inside the image; boxes narrower than ``min_size`` px give None."""
@@ -166,7 +226,8 @@ class ClusterKL(Metric):
                  class_names: dict | None = None, **kwargs):
         super().__init__(**kwargs)
         self.__dict__["detector"] = detector
-        self.__dict__["embedder"] = get_extractor(embedder)
+        self.__dict__["embedder"] = (DetectorFeatures(detector) if isinstance(embedder, str) and embedder == "detector"
+                                     else get_extractor(embedder))
         self.conf, self.pca_dim, self.k_max, self.alpha = conf, pca_dim, k_max, alpha
         self.min_crop, self.seed = min_crop, seed
         self.class_names = dict(class_names or getattr(detector, "names", {}) or {})
@@ -185,18 +246,25 @@ class ClusterKL(Metric):
         dets = self.detector([Image.fromarray(np.ascontiguousarray(a)) for a in arrays])
         if len(dets) != len(arrays):
             raise HarnessError(f"cluster_kl: the detector returned {len(dets)} results for {len(arrays)} images")
-        crops, classes = [], []
+        crops, classes, kept_boxes = [], [], []
         for a, d in zip(arrays, dets):
             boxes, cls, scores = as_detections(d)
             keep = scores >= self.conf
-            for c, k in zip(crop_boxes(a, boxes[keep], self.min_crop), cls[keep]):
+            mine = []
+            for c, k, box in zip(crop_boxes(a, boxes[keep], self.min_crop), cls[keep], boxes[keep]):
                 if c is not None:
                     crops.append(np.ascontiguousarray(c))
                     classes.append(int(k))
+                    mine.append(box)
+            kept_boxes.append(np.asarray(mine, dtype=np.float64).reshape(-1, 4))
         self.n_images[sid] += len(arrays)
         self.n_boxes[sid] += len(crops)
         if crops:
-            e = self.embedder.batch(crops).double()
+            if isinstance(self.embedder, DetectorFeatures):
+                pils = [Image.fromarray(np.ascontiguousarray(a)) for a in arrays]
+                e = torch.cat(self.embedder.detector.box_features(pils, kept_boxes)).double()
+            else:
+                e = self.embedder.batch(crops).double()
             self.emb.append(e)
             self.cls.append(torch.tensor(classes, dtype=torch.long))
             self.set_id.append(torch.full((len(crops),), sid, dtype=torch.long))
