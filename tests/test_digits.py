@@ -89,6 +89,21 @@ def test_build_world_refuses_unknown_part_and_foreign_folder(tmp_path):
         D.build_world(tmp_path / "w2", D.WorldConfig(), parts=())
 
 
+def test_build_world_does_not_retry_a_part_that_failed_for_this_config(tmp_path):
+    """A short build's estimator that failed its check is recorded, not retrained by every demo run."""
+    import json
+    from dataclasses import asdict
+
+    cfg = D.WorldConfig(seed=5)
+    w = tmp_path / "w"
+    w.mkdir()
+    meta = {"config": asdict(cfg), "parts": {"estimator": {"failed": "does not beat the mean"}}}
+    (w / "world.json").write_text(json.dumps(meta))
+    D.build_world(w, cfg, parts=("estimator",))  # would need w/sd to train: it must not try
+    assert not (w / "estimator").exists()
+    assert json.loads((w / "world.json").read_text())["parts"]["estimator"]["failed"] == "does not beat the mean"
+
+
 def test_sampling_scheduler_never_clips_latents():
     sched = D.sampling_scheduler()
     assert sched.config.clip_sample is False

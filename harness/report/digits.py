@@ -628,7 +628,8 @@ def build_world(out: str | Path, cfg: WorldConfig | None = None, *, overwrite: b
         "estimator": lambda d: _build_estimator(cfg, out / "sd", d),
     }
     for name in parts:
-        if (out / name).exists() and not overwrite:
+        # A part that failed for this config (a short build's estimator) would fail again: not retried.
+        if not overwrite and ((out / name).exists() or "failed" in meta["parts"].get(name, {})):
             continue
         log.info("digits world: training %s -> %s", name, out / name)
         t0 = time.perf_counter()
