@@ -47,3 +47,16 @@ def test_cluster_kl_runs_end_to_end_on_detector_features(yolo):
     assert res["embedder"].startswith("detector-features:yolo:")
     with pytest.raises(HarnessError, match="embedder='detector' needs a detector with box_features"):
         ClusterKL(shape_detector, embedder="detector")
+
+
+def test_score_api_accepts_the_detector_embedder(zoo_dir, tmp_path):
+    from harness.metrics.score import score
+
+    for name, seed in (("od", 1), ("tm", 2)):
+        (tmp_path / name).mkdir()
+        for i, im in enumerate(canvases(3, seed)):
+            im.save(tmp_path / name / f"{i}.png")
+    res = score("cluster_kl", tmp_path / "od", tmp_path / "tm", extractor="detector", detector=str(zoo_dir / "yolo"),
+                conf=0.0, n_boot=10, min_crop=2)
+    assert res["extractor"].startswith("detector-features:") and res["n_crops"]["od"] > 0
+    assert np.isfinite(res["value"])

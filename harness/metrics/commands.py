@@ -12,7 +12,8 @@ def add_arguments(p) -> None:
     p.add_argument("dir_a", help="reference folder (A; OD for cluster_kl; the scored folder for clip_score)")
     p.add_argument("dir_b", nargs="?", help="compared folder (B; TM for cluster_kl)")
     p.add_argument("--extractor", help="inception | clip:MODEL_OR_PATH | dinov2:MODEL_OR_PATH "
-                   "(clip_score: clip:... or hf:...; cluster_kl: the crop embedder)")
+                   "(clip_score: clip:... or hf:...; cluster_kl: the crop embedder, or 'detector' for the "
+                   "detector's own features)")
     p.add_argument("--prompts", help="clip_score: .txt (one line per image, sorted names) or .json/.jsonl")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.add_argument("--n-boot", type=int, default=None, help="bootstrap resamples for the interval")

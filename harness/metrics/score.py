@@ -103,7 +103,8 @@ def score_cluster_kl(od, tm, bm=None, *, detector, embedder: str = "clip:ViT-B-3
 
     det = detector if callable(detector) else YoloDetector(detector, conf=conf, allow_pickle=allow_pickle,
                                                            device=device)
-    m = ClusterKL(det, get_extractor(embedder, device=device), conf=conf, seed=seed, **kwargs)
+    emb = embedder if embedder == "detector" else get_extractor(embedder, device=device)
+    m = ClusterKL(det, emb, conf=conf, seed=seed, **kwargs)
     for name, folder in (("od", od), ("bm", bm), ("tm", tm)):
         if folder is None:
             continue
