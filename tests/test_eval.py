@@ -148,6 +148,21 @@ def test_resume_reuses_generations_and_gates_fail_as_configured(run, setup, caps
     assert cli_main(_eval_args(setup, out, "--no-report")) == 0
 
 
+def test_cluster_kl_with_the_detectors_own_features(run, setup, tmp_path, capsys):
+    # A copy of the finished run: only scoring reruns, with crops embedded by the detector's neck features.
+    import shutil
+
+    out = tmp_path / "run-detector-features"
+    shutil.copytree(run.run_dir, out)
+    code = cli_main(_eval_args(setup, out, "--set", "metrics.cluster_kl.settings.embedder=detector", "--no-report"))
+    assert code == 0, capsys.readouterr().err
+    assert "images generated: 0" in capsys.readouterr().out
+    clip_rows = [r for r in json.loads((run.run_dir / layout.RESULTS).read_text())["rows"] if r["metric"] == "cluster_kl"]
+    det_rows = [r for r in json.loads((out / layout.RESULTS).read_text())["rows"] if r["metric"] == "cluster_kl"]
+    assert len(det_rows) == len(clip_rows) and all(r["value"] is not None for r in det_rows)
+    assert [r["value"] for r in det_rows] != pytest.approx([r["value"] for r in clip_rows])
+
+
 @pytest.mark.slow
 def test_two_processes_match_one(run, setup):
     """torchrun with 2 CPU processes (gloo on loopback): the same results.json as one process.

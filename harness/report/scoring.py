@@ -408,7 +408,8 @@ def cluster_kl(sc: Scoring, label: str, name: str, cls, settings: dict, subsets:
     settings.pop("detector", None)
     detector = sc._extractors[det_key]
     embedder = settings.pop("embedder", None) or f"clip:{sc.suite.models.clip}"
-    embedder = sc.extractor(embedder)
+    # "detector": ClusterKL pools the detector's own features per box; anything else is a feature extractor.
+    embedder = embedder if embedder == "detector" else sc.extractor(embedder)
     od = [load_image(p) for p in sc.reference]
     for subset in subsets:
         bm = [load_image(sc.path(r)) for r in sc.usable(sc.base.label, subset)]
