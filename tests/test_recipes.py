@@ -57,7 +57,7 @@ def test_print_recipe_shows_defaults(capsys):
     assert "lr: 3.0e-05" in text and "adam_beta2: 0.999" in text and "extends" not in text
 
 
-SMOKE = {"train.max_steps": 2, "train.mixed_precision": "no", "validation.num_inference_steps": 2,
+SMOKE = {"train.max_steps": 2, "train.batch_size": 2, "train.mixed_precision": "no", "validation.num_inference_steps": 2,
          "validation.seeds": "[0]", "validation.max_items": 1, "checkpoint.single_file": False}
 
 
