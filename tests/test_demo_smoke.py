@@ -1,0 +1,55 @@
+"""`harness demo` end to end on the smallest digits world (every part trained 10 steps).
+
+The numbers of such a world mean nothing; this checks the plumbing of the README's main job: world ->
+restyled data -> BLIP captions with the suffix -> fine-tune through harness.train -> eval -> report and
+summary. Whether the numbers point the right way on a trained world is tests/test_demo.py's job.
+"""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+
+import pytest
+
+from harness.report import digits as D
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    from harness.report.demo import run_demo
+
+    cfg = D.WorldConfig().scaled(0.0)  # every part at its 10-step minimum
+    root = tmp_path_factory.mktemp("demo-smoke")
+    world = D.build_world(root / "world", cfg)
+    return run_demo(root / "demo", cfg=cfg, world_dir=world, progress=False,
+                    recipe_overrides=["train.max_steps=4", "train.batch_size=8", "checkpoint.every_steps=2"],
+                    eval_overrides=["prompts.in_domain.limit=8", "ci.n_boot=20", "generation.steps=4",
+                                    "grids=[{name: g, prompt: 'a handwritten digit one in red ink', "
+                                    "x: 'cfg=1,4', y: 'steps=2,4'}]"])
+
+
+def test_demo_writes_world_captions_finetune_and_report(demo):
+    for part in ("sd", "clip", "blip", "yolo"):
+        assert (demo.world / part).is_dir(), part
+    captions = sorted((demo.out / "data").rglob("*.txt"))
+    assert len(captions) > 100 and all(c.read_text().endswith(", red ink") for c in captions)
+    assert (demo.finetune / "model_index.json").is_file()
+    summary = json.loads((demo.out / "finetune" / "train_summary.json").read_text())
+    assert summary["steps"] == 4
+    assert demo.report.is_file() and demo.report.name == "report.html"
+    HTMLParser().feed(demo.report.read_text())  # parses
+    saved = json.loads((demo.out / "demo.json").read_text())
+    assert saved["summary"] == demo.summary and demo.summary.strip()
+
+
+def test_demo_results_compare_base_and_finetune(demo):
+    rows = demo.results["rows"]
+    metrics = {r["metric"] for r in rows}
+    assert {"clip_score", "fid_clip", "kid_clip", "cmmd"} <= metrics
+    roles = {(r["metric"], r["role"]) for r in rows}
+    assert ("fid_clip", "base") in roles and ("fid_clip", "candidate") in roles
+    cand = [r for r in rows if r["role"] == "candidate" and r["value"] is not None]
+    assert cand and all(r["verdict"] in ("better", "worse", "inconclusive") for r in cand if "verdict" in r)
