@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from _data_helpers import PHOTOS, photo, write_photos
 
 from harness.caption import blip as blip_mod
 from harness.caption.blip import JOURNAL_NAME, caption_folder, count_words, load_captioner
@@ -18,7 +19,6 @@ from harness.cli import main
 from harness.data.folder import scan_dataset
 from harness.errors import CheckpointError, HarnessError
 from harness.models.tiny import build_tiny_blip
-from tests._data_helpers import PHOTOS, photo, write_photos
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -280,7 +280,7 @@ def test_sigkilled_cli_run_resumes_with_only_the_rest(zoo_dir, tmp_path):
 
 
 def test_caption_hostile_folder_only_good_images_nothing_written_outside(blip, tmp_path):
-    from tests._data_helpers import write_hostile
+    from _data_helpers import write_hostile
 
     root, outside = tmp_path / "ds", tmp_path / "outside"
     expected = write_hostile(root, outside)

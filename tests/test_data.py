@@ -9,6 +9,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from _data_helpers import exif_rotated_jpeg, photo, pixel, png_bytes, write_hostile, write_photos
 from PIL import Image
 
 from harness.cli import main
@@ -19,7 +20,6 @@ from harness.data.loader import ImageCaptionDataset, process_caption
 from harness.data.split import assign_split, split_dataset
 from harness.data.stats import dataset_stats
 from harness.errors import HarnessError
-from tests._data_helpers import exif_rotated_jpeg, photo, pixel, png_bytes, write_hostile, write_photos
 
 # ---------------------------------------------------------------- images
 
