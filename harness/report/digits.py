@@ -138,7 +138,7 @@ class WorldConfig:
     vae_steps: int = 150
     unet_steps: int = 1300
     clip_steps: int = 400
-    blip_steps: int = 500
+    blip_steps: int = 2000  # 500 steps learn the style words but not the digit (8% digit accuracy); 2000: 83%
     yolo_steps: int = 300
     estimator_steps: int = 300
     batch_size: int = 64

@@ -1,0 +1,107 @@
+"""`harness demo` on a trained (smaller) digits world: the numbers must point the right way.
+
+The world is built once into the harness cache (keyed by its config, like any cached feature set) and
+reused by later runs; HARNESS_DIGITS_SCALE picks its size (default: the full build, as `harness demo` uses).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from harness.report import digits as D
+
+pytestmark = pytest.mark.slow
+
+SCALE = float(os.environ.get("HARNESS_DIGITS_SCALE", "1.0"))  # the default world (~20 min to build here)
+
+
+@pytest.fixture(scope="module")
+def world_cfg():
+    return D.WorldConfig().scaled(SCALE)
+
+
+@pytest.fixture(scope="module")
+def world(world_cfg):
+    return D.digits_world(world_cfg)
+
+
+@pytest.fixture(scope="module")
+def demo(world, world_cfg, tmp_path_factory):
+    from harness.report.demo import run_demo
+
+    return run_demo(tmp_path_factory.mktemp("demo"), cfg=world_cfg, world_dir=world, progress=False)
+
+
+def _row(results, metric, subset, role):
+    return next(r for r in results["rows"] if r["metric"] == metric and r["subset"] == subset and r["role"] == role)
+
+
+def test_base_samples_are_the_prompted_digit(world):
+    pipe = D.load_pipeline(world / "sd")
+    labels = [i % 10 for i in range(100)]
+    images = D.sample(pipe, [D.caption(v) for v in labels], seed=0, steps=20, cfg=4.0)
+    acc = D.prompted_accuracy(images, labels)
+    assert acc > 0.3, f"base samples are the prompted digit {acc:.0%} of the time (chance 10%)"
+
+
+def test_judges_recognise_digits_and_styles(world):
+    import open_clip
+
+    from harness.caption.blip import load_captioner
+    from harness.models.tiny import load_yolo_dir
+
+    ink, y = D.load_ink()
+    _, held = D.split_indices(len(y), 0)
+    idx = torch.from_numpy(held[:150])
+    images, labels, styles = D.styled_batch(ink, y, idx, D.all_styles(), torch.Generator().manual_seed(7), shift=0)
+    clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{world / 'clip'}")
+    digit_acc, style_acc = D.clip_caption_accuracy(clip.eval(), images, labels, styles, D.all_styles())
+    assert digit_acc > 0.4 and style_acc > 0.8, (digit_acc, style_acc)
+    model, processor = load_captioner(str(world / "blip"))
+    caps = D.blip_captions(model, processor, images[:60])
+    truth = [D.caption(d, D.all_styles()[s]) for d, s in zip(labels[:60], styles[:60])]
+    assert np.mean([c.endswith(t.split(" in ", 1)[1]) for c, t in zip(caps, truth)]) > 0.6  # the style
+    assert np.mean([c == t for c, t in zip(caps, truth)]) > 0.2  # digit and style exactly (chance 1%)
+    assert D.detector_accuracy(load_yolo_dir(world / "yolo"), images[:100], labels[:100]) > 0.3
+
+
+def test_demo_numbers_point_the_right_way(demo):
+    res = demo.results
+    assert demo.report is not None and demo.report.exists()
+    assert "<html" in demo.report.read_text()[:2000].lower()
+    # the fine-tune is closer to the restyled held-out digits
+    assert _row(res, "fid_clip", "in_domain", "candidate")["value"] < 0.8 * _row(res, "fid_clip", "in_domain",
+                                                                                    "base")["value"]
+    # and its images match the restyled prompts better
+    assert _row(res, "clip_score", "in_domain", "candidate")["value"] > _row(res, "clip_score", "in_domain",
+                                                                              "base")["value"]
+    assert demo.summary and "fid_clip" in demo.summary
+
+
+def test_cluster_kl_base_vs_finetune_exceeds_base_vs_itself(demo, world):
+    from PIL import Image
+
+    from harness.io import read_jsonl
+    from harness.metrics.cluster_kl import ClusterKL, YoloDetector
+    from harness.report import layout
+
+    run = demo.out / "eval"
+    recs = [r for r in read_jsonl(run / layout.PER_IMAGE) if r["subset"] == "in_domain" and r.get("image")]
+    base = [np.asarray(Image.open(run / r["image"]).convert("RGB")) for r in recs if r["checkpoint"] == "base"]
+    cand = [np.asarray(Image.open(run / r["image"]).convert("RGB")) for r in recs if r["checkpoint"] != "base"]
+    half = len(base) // 2
+    detector = YoloDetector(str(world / "yolo"), imgsz=D.YOLO_SIZE)
+
+    def kl(a, b):
+        m = ClusterKL(detector, embedder=f"clip:{world / 'clip'}", seed=0)
+        m.update(a, set="bm")
+        m.update(b, set="tm")
+        return m.compute()["kl_bm_tm"]
+
+    within = kl(base[:half], base[half:2 * half])
+    across = kl(base[:half], cand[half:2 * half])
+    assert across > 2 * within, (across, within)
