@@ -68,6 +68,11 @@ def _samples(prompt: str, seeds, guidance_scale, negative_prompt, steps) -> list
                    steps=steps) for s in seeds]
 
 
+def _cond(pipe, prompt: str, negative_prompt: str, guidance_scale: float, n: int):
+    """One prompt's guided conditioning, repeated for ``n`` samples (two-prompt techniques need two)."""
+    return conditioning(pipe, [prompt] * n, [negative_prompt] * n, [guidance_scale] * n)
+
+
 def anagram(pipe, prompt_a: str, prompt_b: str, *, seeds=(0,), steps: int = 30, guidance_scale: float = 7.5,
             negative_prompt: str = "", scheduler: str | None = None, width: int = 512, height: int = 512,
             view: str = "vflip") -> Output:
@@ -75,8 +80,7 @@ def anagram(pipe, prompt_a: str, prompt_b: str, *, seeds=(0,), steps: int = 30, 
     flip_view(torch.zeros(1, 1, 2, 2), view)  # validate before any work
     samples = _samples(prompt_a, seeds, guidance_scale, negative_prompt, steps)
     n = len(samples)
-    ca = conditioning(pipe, [prompt_a] * n, [negative_prompt] * n, [guidance_scale] * n)
-    cb = conditioning(pipe, [prompt_b] * n, [negative_prompt] * n, [guidance_scale] * n)
+    ca, cb = (_cond(pipe, p, negative_prompt, guidance_scale, n) for p in (prompt_a, prompt_b))
 
     def eps_fn(x, t, idx):
         ea = guided_noise(pipe.unet, x, t, ca, idx)
@@ -95,8 +99,7 @@ def hybrid(pipe, prompt_low: str, prompt_high: str, *, seeds=(0,), steps: int = 
         raise ConfigError(f"sigma must be > 0; got {sigma}")
     samples = _samples(prompt_low, seeds, guidance_scale, negative_prompt, steps)
     n = len(samples)
-    cl = conditioning(pipe, [prompt_low] * n, [negative_prompt] * n, [guidance_scale] * n)
-    ch = conditioning(pipe, [prompt_high] * n, [negative_prompt] * n, [guidance_scale] * n)
+    cl, ch = (_cond(pipe, p, negative_prompt, guidance_scale, n) for p in (prompt_low, prompt_high))
 
     def eps_fn(x, t, idx):
         el = guided_noise(pipe.unet, x, t, cl, idx)
