@@ -2,6 +2,11 @@
 latent+text cache) against a plain loop written the way diffusers' train_text_to_image.py example is.
 
     python benchmarks/train_throughput.py [--zoo DIR] [--steps 10] [--batch 8] [--resolution 64]
+    python benchmarks/train_throughput.py --model sd15 --batch 1 --resolution 256 --steps 3 --warmup 1
+
+``--model sd15`` trains the full-size SD 1.5 architecture with random weights (real FLOPs; on the CPU
+a full fine-tune needs ~16 GB of RAM and seconds per step). ``benchmarks/train_flops.py`` gives the
+most caching can save at full size, from FLOP counts.
 
 Each configuration runs in its own process so peak memory is its own (CPU: peak RSS; GPU: peak
 allocated). The first ``--warmup`` steps are excluded from images/s; the cache is filled before the
@@ -44,7 +49,9 @@ def harness_run(args, cfg: dict, work: Path) -> dict:
              "train.batch_size": args.batch, "validation.prompts": "[]", "validation.eval_metrics": "[]",
              "validation.at_start": False, "checkpoint.every_steps": 0, "checkpoint.single_file": False,
              "logging.timing": True, "train.lr": 1e-4, "train.warmup_steps": 0, **cfg}
-    ov = overrides(Path(args.zoo) / "sd", work / "data", work / "run", work / "cache", **extra)
+    extra.update({"train.mixed_precision": args.mixed_precision,
+                  "train.gradient_checkpointing": args.gradient_checkpointing})
+    ov = overrides(Path(args.sd), work / "data", work / "run", work / "cache", **extra)
     ov = [o for o in ov if not o.startswith("data.resolution=")] + [f"data.resolution={args.resolution}"]
     train(load_recipe(REPO / "recipes" / "tiny-cpu.yaml", ov))
     total = time.perf_counter() - t0
@@ -67,14 +74,16 @@ def reference_run(args, work: Path) -> dict:
     from harness.data.loader import ImageCaptionDataset
     from harness.train.metrics_log import memory_stats
 
-    acc = Accelerator(cpu=not torch.cuda.is_available())
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=args.mixed_precision)
     torch.manual_seed(0)
-    pipe = StableDiffusionPipeline.from_pretrained(Path(args.zoo) / "sd")
+    pipe = StableDiffusionPipeline.from_pretrained(Path(args.sd))
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     vae, text_encoder, unet, tok = pipe.vae, pipe.text_encoder, pipe.unet, pipe.tokenizer
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     ds = ImageCaptionDataset(scan_dataset(work / "data", split="train"), resolution=args.resolution)
 
     def collate(items):
@@ -86,15 +95,17 @@ def reference_run(args, work: Path) -> dict:
     optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
     lr_scheduler = get_scheduler("constant", optimizer)
     unet, optimizer, loader, lr_scheduler = acc.prepare(unet, optimizer, loader, lr_scheduler)
-    vae.to(acc.device)
-    text_encoder.to(acc.device)
+    # as the example does: frozen parts in the mixed-precision dtype, the trained UNet in fp32
+    weight_dtype = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.mixed_precision]
+    vae.to(acc.device, dtype=weight_dtype)
+    text_encoder.to(acc.device, dtype=weight_dtype)
     done, t_start = 0, None
     while done < args.warmup + args.steps:
         for batch in loader:
             if done == args.warmup:
                 t_start = time.perf_counter()
             with acc.accumulate(unet):
-                latents = vae.encode(batch["pixel_values"]).latent_dist.sample() * vae.config.scaling_factor
+                latents = vae.encode(batch["pixel_values"].to(weight_dtype)).latent_dist.sample() * vae.config.scaling_factor
                 noise = torch.randn_like(latents)
                 timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                           device=latents.device).long()
@@ -114,6 +125,16 @@ def reference_run(args, work: Path) -> dict:
     return {"images_per_s": args.steps * args.batch / elapsed, "steps": done, **memory_stats(acc.device)}
 
 
+def build_sd15(out: Path) -> Path:
+    """The full-size SD 1.5 architecture with random fp32 weights, as a diffusers folder."""
+    import torch
+
+    from harness.models.tiny import build_random_sd15
+
+    build_random_sd15(dtype=torch.float32).save_pretrained(out, safe_serialization=True)
+    return out
+
+
 def one(args) -> None:
     cfg = CONFIGS[args.one]
     work = Path(args.work)
@@ -123,7 +144,11 @@ def one(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", choices=["tiny", "sd15"], default="tiny",
+                   help="the tiny zoo's SD, or the full-size SD 1.5 architecture with random weights")
     p.add_argument("--zoo", help="tiny zoo folder (built into a temp folder when absent)")
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
+    p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--batch", type=int, default=8)
@@ -131,6 +156,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=32)
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
+    p.add_argument("--sd", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         return one(args)
@@ -139,15 +165,18 @@ def main() -> None:
     from harness.models.tiny import build_zoo
 
     tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
-    if not args.zoo:
-        args.zoo = str(build_zoo(tmp / "zoo"))
+    if args.model == "sd15":
+        args.sd = str(build_sd15(tmp / "sd15"))
+    else:
+        args.sd = str(Path(args.zoo or build_zoo(tmp / "zoo")) / "sd")
     make_dataset(tmp / "data", n_train=args.images, n_val=0, size=args.resolution)
     results = {}
     for name in CONFIGS:
         work = tmp / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "_")
         work.mkdir()
         (work / "data").symlink_to(tmp / "data")
-        cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--zoo", args.zoo,
+        cmd = [sys.executable, __file__, "--one", name, "--work", str(work), "--sd", args.sd,
+               "--mixed-precision", args.mixed_precision, *(["--gradient-checkpointing"] * args.gradient_checkpointing),
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
                "--resolution", str(args.resolution)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
@@ -157,16 +186,20 @@ def main() -> None:
             continue
         results[name] = json.loads(line[0][7:])
     ref = results.get("reference (diffusers example style)", {}).get("images_per_s")
-    unc = results.get("full, no cache", {}).get("images_per_s")
+    device = "GPU" if any("gpu_peak_mib" in r for r in results.values()) else "CPU"
     print(f"\nbatch {args.batch}, {args.resolution} px, {args.steps} timed steps (+{args.warmup} warm-up), "
-          f"tiny zoo")
-    print(f"{'configuration':38s} {'images/s':>9s} {'vs ref':>7s} {'vs uncached':>12s} {'peak MiB':>9s}  time split (s/step)")
+          f"{'SD 1.5 architecture, random weights' if args.model == 'sd15' else 'tiny zoo'}, {device}, "
+          f"mixed precision {args.mixed_precision}, gradient checkpointing {args.gradient_checkpointing}")
+    print(f"{'configuration':38s} {'images/s':>9s} {'vs ref':>7s} {'cached/uncached':>16s} {'peak MiB':>9s}  "
+          f"time split (s/step)")
     for name, r in results.items():
         ips = r["images_per_s"]
+        # the cache's speed-up is against the same mode (full or LoRA) without it
+        unc = results.get(name.replace("cached latents+text", "no cache"), {}).get("images_per_s")
         peak = r.get("gpu_peak_mib", r.get("cpu_peak_mib", float("nan")))
         split = " ".join(f"{k[5:-2]}={v:.3f}" for k, v in r.items() if k.startswith("time_"))
-        print(f"{name:38s} {ips:9.1f} {ips / ref if ref else float('nan'):7.2f} "
-              f"{ips / unc if unc else float('nan'):12.2f} {peak:9.0f}  {split}")
+        print(f"{name:38s} {ips:9.2f} {ips / ref if ref else float('nan'):7.2f} "
+              f"{ips / unc if unc and 'cached' in name else float('nan'):16.2f} {peak:9.0f}  {split}")
 
 
 if __name__ == "__main__":
