@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 
 import pytest
 import torch
@@ -130,7 +131,7 @@ def test_lora_run_writes_weights_plain_diffusers_loads(tiny_sd_dir, data_dir, tm
     torch.testing.assert_close(torch.from_numpy(sample(fused)), torch.from_numpy(with_lora), atol=2e-3, rtol=0)
 
 
-def test_bad_input_fails_before_training(tiny_sd_dir, data_dir, tmp_path):
+def test_bad_input_fails_before_training(tiny_sd_dir, data_dir, tmp_path, monkeypatch):
     with pytest.raises(HarnessError, match="data.root = .*missing: no such folder"):
         train(recipe(tiny_sd_dir, tmp_path / "missing", tmp_path))
     (tmp_path / "empty").mkdir()
@@ -143,8 +144,10 @@ def test_bad_input_fails_before_training(tiny_sd_dir, data_dir, tmp_path):
         train(recipe(tiny_sd_dir, data_dir, tmp_path, **{"train.batch_size": 16}))
     with pytest.raises(ConfigError, match="'data.resolution' = 36: expected a multiple of 8"):
         recipe(tiny_sd_dir, data_dir, tmp_path, **{"data.resolution": 36})
-    with pytest.raises(ConfigError, match="'train.optimizer' = 'adamw8bit': needs bitsandbytes"):
-        train(recipe(tiny_sd_dir, data_dir, tmp_path, **{"train.optimizer": "adamw8bit"}))
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, "bitsandbytes", None)  # as if not installed: importing it raises ImportError
+        with pytest.raises(ConfigError, match="'train.optimizer' = 'adamw8bit': needs bitsandbytes"):
+            train(recipe(tiny_sd_dir, data_dir, tmp_path, **{"train.optimizer": "adamw8bit"}))
     with pytest.raises(ConfigError, match="'validation.eval_metrics' has 'clip': no such scorer"):
         train(recipe(tiny_sd_dir, data_dir, tmp_path, **{"validation.eval_metrics": "[clip]"}))
     assert not (tmp_path / "run" / "checkpoints").exists()
@@ -207,6 +210,14 @@ def test_early_stopping_on_a_scorer(tiny_sd_dir, data_dir, tmp_path):
     final = train(r, scorers={"const": constant})
     summary = json.loads((final.parent / "train_summary.json").read_text())
     assert summary["stopped"] == "early_stopping" and summary["steps"] == 2 and summary["best_step"] == 0
+    # final/ holds the best validation's weights (step 0: the base), the stop's are in the checkpoint
+    assert summary["final_weights_step"] == 0
+    base, exported = unet_state_base(tiny_sd_dir), unet_state(final.parent)
+    assert all(torch.equal(exported[k], v) for k, v in base.items())
+    from safetensors.torch import load_file
+
+    stopped = load_file(str(final.parent / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert any(not torch.equal(stopped[k], base[k]) for k in base if k in stopped)
     assert seen[0] == (2, ("a cat", "a cat"))
     records = [m for m in read_jsonl(final.parent / "metrics.jsonl") if "eval/drift" in m]
     assert records[0]["eval/drift"] == 0.0 and records[-1]["eval/drift"] > 0

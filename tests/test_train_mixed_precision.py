@@ -69,3 +69,11 @@ def test_precision_can_change_between_runs_in_one_process(tiny_sd_dir, data_dir,
 
     # accelerate alone raises "AcceleratorState has already been initialized" on the second and third call
     assert [acc(p).mixed_precision for p in ("no", "bf16", "no")] == ["no", "bf16", "no"]
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_work(tiny_sd_dir, data_dir, tmp_path):
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"'train.mixed_precision' = 'fp16': needs a GPU .* use bf16 or no"):
+        _run(tiny_sd_dir, data_dir, tmp_path, "fp16")
+    assert not (tmp_path / "run").exists()

@@ -142,15 +142,18 @@ class LatentCache:
         from tqdm.auto import tqdm
 
         keys: dict[int, str] = {}
-        pending: list[tuple[str, torch.Tensor]] = []
+        # Pending images grouped by size: with aspect buckets one batch of the VAE holds one shape.
+        pending: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
         for i in tqdm(indices, desc="caching latents", disable=not progress, leave=False):
             item = dataset[i]
             keys[i] = item["key"]
             if self.store.get(item["key"]) is None:
-                pending.append((item["key"], item["pixel_values"]))
-            if len(pending) >= batch_size:
-                self._encode(pending)
-        self._encode(pending)
+                group = pending.setdefault(tuple(item["pixel_values"].shape), [])
+                group.append((item["key"], item["pixel_values"]))
+                if len(group) >= batch_size:
+                    self._encode(group)
+        for group in pending.values():
+            self._encode(group)
         return keys
 
     def _encode(self, pending: list) -> None:

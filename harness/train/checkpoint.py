@@ -154,3 +154,48 @@ def load_lr_scheduler(path: str | Path, lr_scheduler) -> None:
     # Loading a scheduler's state does not touch the optimizer, whose lr the fresh scheduler just reset.
     for group, lr in zip(lr_scheduler.optimizer.param_groups, lr_scheduler.get_last_lr()):
         group["lr"] = lr
+
+
+# ---------------------------------------------------------------- the best validation's weights
+
+BEST = "best.safetensors"
+
+
+def save_best(run_dir: str | Path, step: int, named_params, ema=None) -> Path:
+    """The trainable weights (and EMA shadow) of the best validation so far, written atomically as
+    ``RUN/best.safetensors`` so early stopping can export them instead of the weights at the stop."""
+    from safetensors.torch import save
+
+    from harness.io import atomic_write_bytes
+
+    tensors = {f"w.{n}": p.detach().float().cpu().contiguous() for n, p in named_params if p.requires_grad}
+    if ema is not None:
+        tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
+    return atomic_write_bytes(Path(run_dir) / BEST, save(tensors, metadata={"step": str(step)}))
+
+
+def best_step(run_dir: str | Path) -> int | None:
+    from safetensors import safe_open
+
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        return int((f.metadata() or {}).get("step", -1))
+
+
+@torch.no_grad()
+def load_best(run_dir: str | Path, named_params, ema=None) -> int:
+    """Copy ``RUN/best.safetensors`` back into the model (and EMA); returns its step."""
+    from safetensors import safe_open
+
+    path = Path(run_dir) / BEST
+    with safe_open(str(path), framework="pt") as f:
+        keys = set(f.keys())
+        for n, p in named_params:
+            if f"w.{n}" in keys:
+                p.copy_(f.get_tensor(f"w.{n}").to(p.dtype))
+        if ema is not None:
+            for n in ema.shadow:
+                ema.shadow[n] = f.get_tensor(f"ema.{n}").float()
+        return int((f.metadata() or {}).get("step", -1))

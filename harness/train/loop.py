@@ -95,7 +95,7 @@ def check_optimizer(name: str) -> None:
             import bitsandbytes  # noqa: F401
         except ImportError:
             raise ConfigError("key 'train.optimizer' = 'adamw8bit': needs bitsandbytes, which is not installed "
-                              "(pip install bitsandbytes, CUDA only), or set train.optimizer=adamw") from None
+                              "(pip install 'harness[adam8bit]'), or set train.optimizer=adamw") from None
 
 
 def check_output_dir(run_dir: Path, resume: str | None) -> None:
@@ -151,8 +151,14 @@ def add_lora(unet, text_encoder, recipe: Recipe) -> None:
     unet.add_adapter(LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout, init_lora_weights="gaussian",
                                 target_modules=list(c.unet_targets)))
     if c.text_encoder:
-        text_encoder.add_adapter(LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
-                                            init_lora_weights="gaussian", target_modules=list(c.text_encoder_targets)))
+        from peft import inject_adapter_in_model
+
+        # peft directly, not transformers' text_encoder.add_adapter: transformers 5 refuses peft < 0.22 there,
+        # and this is the call it wraps. The adapter is peft's "default", as diffusers' LoRA saving expects.
+        text_encoder.requires_grad_(False)
+        inject_adapter_in_model(LoraConfig(r=c.rank, lora_alpha=c.alpha, lora_dropout=c.dropout,
+                                           init_lora_weights="gaussian", target_modules=list(c.text_encoder_targets)),
+                                text_encoder)
 
 
 def fingerprint(models: Models, recipe: Recipe) -> dict:
@@ -169,7 +175,7 @@ def fingerprint(models: Models, recipe: Recipe) -> dict:
 # ---------------------------------------------------------------- data
 
 def build_data(recipe: Recipe, num_processes: int, process_index: int) -> Data:
-    from harness.data.buckets import BucketBatchSampler
+    from harness.data.buckets import BucketBatchSampler, make_buckets
     from harness.data.folder import scan_dataset
     from harness.data.loader import ImageCaptionDataset
 
@@ -198,7 +204,8 @@ def build_data(recipe: Recipe, num_processes: int, process_index: int) -> Data:
                            f"training images")
     kw = dict(resolution=d.resolution, resize_filter=d.resize_filter, random_crop=d.random_crop, flip_p=d.flip_p,
               shuffle_tags_after=d.shuffle_tags_after, caption_dropout=d.caption_dropout, seed=t.seed,
-              buckets=True if d.buckets else None, **({"max_pixels": d.max_pixels} if d.max_pixels else {}))
+              buckets=make_buckets(d.resolution, step=d.bucket_step) if d.buckets else None,
+              **({"max_pixels": d.max_pixels} if d.max_pixels else {}))
     train_ds = ImageCaptionDataset(index, **kw)
     val_index = scan_dataset(root, split="val", **scan)
     val_ds = None
@@ -417,10 +424,27 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     cpu = recipe.train.cpu or not torch.cuda.is_available()
+    if cpu and recipe.train.mixed_precision == "fp16":
+        # accelerate silently drops fp16 autocast and loss scaling on the CPU; the frozen parts would still
+        # be cast to fp16 and the run would be neither fp16 training nor correct fp32 training.
+        raise ConfigError("key 'train.mixed_precision' = 'fp16': needs a GPU (fp16 autocast and loss scaling "
+                          "do not run on the CPU); use bf16 or no here")
     trackers = available_trackers(list(recipe.logging.trackers))
     _forget_other_precision(recipe.train.mixed_precision)
-    return Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, log_with=trackers or None,
-                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+    acc = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, log_with=trackers or None,
+                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+    check_distributed_type(acc.distributed_type)
+    return acc
+
+
+def check_distributed_type(distributed_type) -> None:
+    """Refuse parameter sharding up front: validation and sampling run on the main process alone, which
+    with sharded weights (FSDP, DeepSpeed) waits forever for the other ranks' shards."""
+    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise ConfigError(f"accelerate config: distributed_type {kind} is not supported by harness.train yet "
+                          f"(main-process validation needs unsharded weights); use DDP "
+                          f"(accelerate launch --multi_gpu) with train.gradient_checkpointing and bf16, or LoRA")
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
@@ -524,9 +548,12 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     metrics.truncate_after(state["step"])
     if validator is not None:
         validator.stopper.load(state.get("early_stopping", {}))
-    acc.init_trackers(recipe.logging.project, config=_flat(to_dict(recipe)))
+    # W&B writes its run folder (and, offline, its whole log) into the run, not into the current directory.
+    acc.init_trackers(recipe.logging.project, config=_flat(to_dict(recipe)),
+                      init_kwargs={"wandb": {"dir": str(run_dir / "logs"), "name": run_dir.name}})
     totals = stage_totals(stages, data.steps_per_epoch, recipe.train.max_steps)
     last_ckpt = [resume_path]
+    keep_best = recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None
     stop = {"reason": "completed"}
 
     def save():
@@ -543,6 +570,8 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
                 log.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4g}" for k, v in results.items()
                                                                  if "/t=" not in k))
             stop_now[0] = validator.should_stop(state["step"], results)
+            if keep_best and validator.stopper.best_step == state["step"]:
+                ckpt.save_best(run_dir, state["step"], named(), ema)
         from accelerate.utils import broadcast_object_list
 
         return broadcast_object_list(stop_now)[0]
@@ -675,6 +704,26 @@ def _export(recipe: Recipe, models: Models, raw_unet, raw_te, out_dir: Path, sin
     return export_pipeline(pipe, out_dir, single_file=single_file)
 
 
+def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema) -> int:
+    """The step whose weights final/ gets: the best validation's when early stopping keeps them."""
+    best = validator.stopper.best_step if validator is not None else None
+    if not (recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None) \
+            or best is None or best == state["step"]:
+        return state["step"]
+    on_disk = ckpt.best_step(run_dir)
+    if on_disk != best:  # e.g. a resume discarded the steps that wrote it
+        log.warning("%s holds step %s, not the best validation's step %d: final/ gets the last step's weights",
+                    run_dir / ckpt.BEST, on_disk, best)
+        return state["step"]
+    named = [(f"unet.{n}", p) for n, p in raw_unet.named_parameters()] + [
+        (f"te.{n}", p) for n, p in raw_te.named_parameters()]
+    ckpt.load_best(run_dir, named, ema)
+    log.info("final/ gets the weights of step %d (best %s %.4g), not of step %d where training stopped; "
+             "those are in %s", best, recipe.validation.early_stopping_metric, validator.stopper.best,
+             state["step"], run_dir / ckpt.CHECKPOINTS)
+    return best
+
+
 def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, reason: str, validator) -> Path:
     acc.wait_for_everyone()
     if recipe.logging.data_order:  # what each rank holds, to check that ranks agree with the saved weights
@@ -682,6 +731,7 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
                      {"step": state["step"], "unet_sha256": module_hash(raw_unet)})
     final = run_dir / "final"
     if acc.is_main_process:
+        final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema)
         if ema is not None and recipe.ema.use_for_final:
             ema.copy_to([(f"unet.{n}", p) for n, p in raw_unet.named_parameters()]
                         + [(f"te.{n}", p) for n, p in raw_te.named_parameters()])
@@ -693,7 +743,7 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
         atomic_write_json(run_dir / "train_summary.json", {
             "final": str(final), "steps": state["step"], "epochs_started": state["epoch"], "stopped": reason,
             "best_step": stopper.best_step if stopper else None, "best_value": stopper.best if stopper else None,
-            "early_stopping_metric": recipe.validation.early_stopping_metric,
+            "early_stopping_metric": recipe.validation.early_stopping_metric, "final_weights_step": final_step,
             "recipe": to_dict(recipe), **record(),
         })
     acc.wait_for_everyone()

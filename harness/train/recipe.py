@@ -41,6 +41,7 @@ class DataCfg:
     max_pixels: int | None = field(default=None, metadata=_r(1))
     val_fraction: float = field(default=0.0, metadata=_r(0.0, 0.99))  # images without a split go to val by hash
     buckets: bool = False  # aspect-ratio buckets around data.resolution instead of square crops
+    bucket_step: int = field(default=64, metadata=_r(8, 1024))  # bucket sides are multiples of this
     cache_latents: bool = True
     cache_text: bool = True
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/harness/train (shared across runs)
@@ -50,6 +51,9 @@ class DataCfg:
         if self.resolution % 8:
             raise ValueError(f"key 'data.resolution' = {self.resolution}: expected a multiple of 8 (the VAE "
                              f"downsamples by 8), e.g. {self.resolution // 8 * 8 or 8}")
+        if self.buckets and (self.bucket_step % 8 or self.resolution % self.bucket_step):
+            raise ValueError(f"key 'data.bucket_step' = {self.bucket_step}: expected a multiple of 8 that divides "
+                             f"data.resolution = {self.resolution} (buckets are sized around it in these steps)")
         if self.cache_latents and (self.random_crop or self.flip_p > 0):
             raise ValueError("key 'data.cache_latents' = True with random_crop/flip_p: a cached latent would freeze "
                              "one crop and flip; set data.cache_latents=false or turn the augmentation off")
@@ -123,6 +127,9 @@ class ValidationCfg:
     early_stopping_metric: str = "val_loss"  # or "eval/<scorer>"
     early_stopping_mode: Literal["min", "max"] = "min"
     early_stopping_min_delta: float = field(default=0.0, metadata=_r(0.0))
+    # With early stopping on, final/ holds the weights of the best validation (kept in RUN/best.safetensors),
+    # not those at the stop, which are patience validations past the best (Hugging Face's load_best_model_at_end).
+    restore_best: bool = True
 
 
 @dataclass(frozen=True)
