@@ -38,6 +38,7 @@ class DemoResult:
     summary: str
     results: dict | None = None
     captions: dict = field(default_factory=dict)
+    shift: dict = field(default_factory=dict)  # detector-cluster KL base->fine-tune vs base->base
 
 
 def write_demo_data(root: str | Path, seed: int = 0, style: tuple[str, str] = D.DEMO_STYLE) -> Path:
@@ -97,10 +98,55 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
         models.append(f"models.estimator={world / 'estimator'}")
     res = run_eval(suite, base=str(world / "sd"), candidates=[str(final)], out=out / "eval", data=data,
                    overrides=[*models, *eval_overrides], train_run=run_dir, progress=progress)
-    text = verdict_summary(res.results or {})
+    shift = distribution_shift(out / "eval", world)
+    text = verdict_summary(res.results or {}) + " " + shift_sentence(shift)
     atomic_write_json(out / "demo.json", {"world": str(world), "finetune": str(final), "report": str(res.report),
-                                          "summary": text, "captioned": getattr(summary, "captioned", None)})
-    return DemoResult(out, world, Path(final), res.report, text, res.results)
+                                          "summary": text, "captioned": getattr(summary, "captioned", None),
+                                          "shift": shift})
+    return DemoResult(out, world, Path(final), res.report, text, res.results, shift=shift)
+
+
+def distribution_shift(eval_dir: Path, world: Path, subset: str = "in_domain", seed: int = 0) -> dict:
+    """How far the fine-tune moved the base's output distribution, against sampling noise: the
+    detector-cluster KL between half the base's samples and half the fine-tune's, and between the two
+    halves of the base's own samples (what the KL reads when nothing changed)."""
+    from PIL import Image
+
+    from harness.io import read_jsonl
+    from harness.metrics.cluster_kl import ClusterKL, YoloDetector
+    from harness.report import layout
+
+    recs = [r for r in read_jsonl(eval_dir / layout.PER_IMAGE) if r["subset"] == subset and r.get("image")]
+    load = lambda r: np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"))  # noqa: E731
+    base = [load(r) for r in recs if r["checkpoint"] == "base"]
+    cand = [load(r) for r in recs if r["checkpoint"] != "base"]
+    half = min(len(base), len(cand)) // 2
+    if half < 2:
+        return {}
+    detector = YoloDetector(str(world / "yolo"), imgsz=D.YOLO_SIZE)
+
+    def kl(a, b) -> float | None:
+        m = ClusterKL(detector, embedder=f"clip:{world / 'clip'}", seed=seed)
+        m.update(a, set="bm")
+        m.update(b, set="tm")
+        value = m.compute()["kl_bm_tm"]  # None when the detector found too little to cluster
+        return None if value is None else float(value)
+
+    # Disjoint halves on both sides, so neither KL compares an image with itself.
+    return {"subset": subset, "n_per_side": half, "kl_base_finetune": kl(base[:half], cand[half:2 * half]),
+            "kl_base_base": kl(base[:half], base[half:2 * half])}
+
+
+def shift_sentence(shift: dict) -> str:
+    if not shift:
+        return ""
+    across, within = shift["kl_base_finetune"], shift["kl_base_base"]
+    if across is None or within is None:
+        return (f"Detector-cluster KL base -> fine-tune: not computed (the detector found too few digits in "
+                f"{shift['n_per_side']} images a side).")
+    times = f"{across / within:.1f}x" if within > 0 else "far above"
+    return (f"Detector-cluster KL base -> fine-tune {across:.3g} vs {within:.3g} between two halves of the base's "
+            f"own samples ({times} the sampling noise, {shift['n_per_side']} images a side).")
 
 
 def _rows(results: dict) -> dict[tuple[str, str], dict[str, dict]]:
