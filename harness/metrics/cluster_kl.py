@@ -292,7 +292,9 @@ class ClusterKL(Metric):
             x = emb[idx]
             k = clusters_for(len(idx), self.k_max)
             dim = min(self.pca_dim, len(idx) - 1, x.shape[1])
-            if dim >= 1 and dim < x.shape[1]:
+            # A class whose crops all embed alike has no direction to keep (PCA would divide by a zero
+            # variance and warn); it is one cluster either way.
+            if dim >= 1 and dim < x.shape[1] and np.ptp(x, axis=0).any():
                 x = PCA(n_components=dim, svd_solver="full", random_state=self.seed).fit_transform(x)
             if k > 1 and len(np.unique(x, axis=0)) >= k:
                 labels = KMeans(n_clusters=k, n_init=10, random_state=self.seed).fit_predict(x)
