@@ -108,3 +108,23 @@ def test_sampling_scheduler_never_clips_latents():
     sched = D.sampling_scheduler()
     assert sched.config.clip_sample is False
     assert sched.config.beta_schedule == "scaled_linear" and sched.config.num_train_timesteps == 1000
+
+
+def test_denoiser_training_is_bit_reproducible_across_a_thread_switch():
+    """The world is deterministic for a seed: the same steps give the same bits, also when the UNet
+    changes its thread count mid-run as the two-process build does."""
+    n = torch.get_num_threads()
+    # batch 64: at 16 the parallel accumulation of ``hidden[which]``'s backward happened to agree
+    cfg = D.WorldConfig(unet_steps=8)
+    latents = torch.randn(256, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    captions = [D.caption(i % 10) for i in range(256)]
+
+    def run():
+        torch.set_num_threads(1)
+        try:
+            unet, text = D.train_denoiser(cfg, latents, captions, lambda step: 2 if step == 2 else None)
+        finally:
+            torch.set_num_threads(n)
+        return torch.cat([p.detach().flatten() for m in (unet, text) for p in m.parameters()])
+
+    assert torch.equal(run(), run())

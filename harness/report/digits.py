@@ -34,7 +34,7 @@ from harness.io import atomic_dir, atomic_write_json
 
 log = logging.getLogger(__name__)
 
-WORLD_VERSION = 2  # 2: text encoder run per distinct caption, fused AdamW, judges built beside the UNet
+WORLD_VERSION = 3  # 2: text encoder run per distinct caption, fused AdamW, judges beside the UNet; 3: deterministic
 IMAGE_SIZE = 32
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 # Named inks and papers (RGB in [0, 1]) the judges learn; the demo's new style is red on cream.
@@ -267,8 +267,9 @@ def train_denoiser(cfg: WorldConfig, latents: torch.Tensor, captions: list[str],
         t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=gen)
         zt = sched.add_noise(z0, noise, t)
         # The text encoder runs once per distinct caption (11), not once per item (64): the same
-        # gradients, a sixth of its cost.
-        cond = text(ids).last_hidden_state[which]
+        # gradients, a sixth of its cost. index_select, not [which]: the backward of advanced indexing
+        # accumulates in parallel on the CPU in no fixed order, and the world must be bit-reproducible.
+        cond = text(ids).last_hidden_state.index_select(0, which)
         loss = F.mse_loss(unet(zt, t, encoder_hidden_states=cond).sample, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
