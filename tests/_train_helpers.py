@@ -54,6 +54,16 @@ def overrides(sd_dir: Path, data_dir: Path, out_dir: Path, cache_dir: Path, **ex
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def quick_recipe(sd_dir: Path, data_dir: Path, tmp_path: Path, **extra):
+    """tiny-cpu.yaml on the tiny zoo, 2 steps, no samples or scorers, no checkpoint before the end."""
+    from harness.train.recipe import load_recipe
+
+    base = {"train.max_steps": 2, "validation.prompts": "[]", "validation.eval_metrics": "[]",
+            "checkpoint.every_steps": 0, **extra}
+    return load_recipe(REPO / "recipes" / "tiny-cpu.yaml",
+                       overrides(sd_dir, data_dir, tmp_path / "run", tmp_path / "cache", **base))
+
+
 def launch_env() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(REPO))

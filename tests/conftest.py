@@ -11,6 +11,7 @@ import os
 import socket
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -97,3 +98,12 @@ def zoo_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_sd_dir(zoo_dir):
     return zoo_dir / "sd"
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: the CI cores are shared, and many tiny ops gain nothing from more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -8,34 +8,19 @@ import sys
 
 import pytest
 import torch
-from _train_helpers import REPO, make_dataset, overrides
+from _train_helpers import make_dataset
+from _train_helpers import quick_recipe as recipe
 
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.io import read_jsonl
 from harness.train.loop import TrainingDiverged, train
-from harness.train.recipe import load_recipe
 
-TINY = REPO / "recipes" / "tiny-cpu.yaml"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n_train=8, n_val=2, size=32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the 2 cores are shared; one thread is also what the subprocess tests use
-    yield
-    torch.set_num_threads(n)
-
-
-def recipe(tiny_sd_dir, data_dir, tmp_path, **extra):
-    base = {"train.max_steps": 2, "validation.prompts": "[]", "validation.eval_metrics": "[]",
-            "checkpoint.every_steps": 0}
-    base.update(extra)
-    return load_recipe(TINY, overrides(tiny_sd_dir, data_dir, tmp_path / "run", tmp_path / "cache", **base))
 
 
 def unet_state(run_dir):

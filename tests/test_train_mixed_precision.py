@@ -13,19 +13,12 @@ from harness.io import read_jsonl
 from harness.train.loop import train_from_file
 
 TINY = REPO / "recipes" / "tiny-cpu.yaml"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("data"), n_train=4, n_val=2, size=32)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _run(tiny_sd_dir, data_dir, tmp_path, precision: str, **extra):

@@ -8,29 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-from _train_helpers import REPO, make_dataset, overrides, photo
+from _train_helpers import make_dataset, photo
+from _train_helpers import quick_recipe as recipe
 from safetensors.torch import load_file
 
 from harness.io import read_jsonl
 from harness.train.loop import train
-from harness.train.recipe import load_recipe
 
-TINY = REPO / "recipes" / "tiny-cpu.yaml"
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def recipe(tiny_sd_dir, data_dir, tmp_path, **extra):
-    base = {"train.max_steps": 2, "validation.prompts": "[]", "validation.eval_metrics": "[]",
-            "checkpoint.every_steps": 0}
-    base.update(extra)
-    return load_recipe(TINY, overrides(tiny_sd_dir, data_dir, tmp_path / "run", tmp_path / "cache", **base))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def sample(pipe, prompt="a cat"):

@@ -536,8 +536,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
         unet, optimizer = acc.prepare(models.unet, optimizer)
         text_encoder = models.text_encoder
     raw_unet, raw_te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
-    named = lambda: [(f"unet.{n}", p) for n, p in raw_unet.named_parameters()] + [  # noqa: E731
-        (f"te.{n}", p) for n, p in raw_te.named_parameters()]
+    named = lambda: named_parameters(raw_unet, raw_te)  # noqa: E731
     ema = EMA(named(), recipe.ema.decay, recipe.ema.update_after_step) if recipe.ema.enabled else None
     fp = fingerprint(models, recipe)
     state = {"step": 0, "stage": 0, "stage_step": 0, "epoch": 0, "step_in_epoch": 0, "early_stopping": {},
@@ -553,7 +552,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
                       init_kwargs={"wandb": {"dir": str(run_dir / "logs"), "name": run_dir.name}})
     totals = stage_totals(stages, data.steps_per_epoch, recipe.train.max_steps)
     last_ckpt = [resume_path]
-    keep_best = recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None
+    keep_best = keeps_best(recipe)
     stop = {"reason": "completed"}
 
     def save():
@@ -704,20 +703,29 @@ def _export(recipe: Recipe, models: Models, raw_unet, raw_te, out_dir: Path, sin
     return export_pipeline(pipe, out_dir, single_file=single_file)
 
 
+def named_parameters(unet, text_encoder) -> list[tuple[str, torch.nn.Parameter]]:
+    """Both models' parameters under one namespace (``unet.*``, ``te.*``): the names EMA and the best
+    weights are stored under."""
+    return [(f"unet.{n}", p) for n, p in unet.named_parameters()] + [
+        (f"te.{n}", p) for n, p in text_encoder.named_parameters()]
+
+
+def keeps_best(recipe: Recipe) -> bool:
+    """Whether the run keeps the best validation's weights for final/ (early stopping on, restore_best)."""
+    return recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None
+
+
 def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema) -> int:
     """The step whose weights final/ gets: the best validation's when early stopping keeps them."""
     best = validator.stopper.best_step if validator is not None else None
-    if not (recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None) \
-            or best is None or best == state["step"]:
+    if not keeps_best(recipe) or best is None or best == state["step"]:
         return state["step"]
     on_disk = ckpt.best_step(run_dir)
     if on_disk != best:  # e.g. a resume discarded the steps that wrote it
         log.warning("%s holds step %s, not the best validation's step %d: final/ gets the last step's weights",
                     run_dir / ckpt.BEST, on_disk, best)
         return state["step"]
-    named = [(f"unet.{n}", p) for n, p in raw_unet.named_parameters()] + [
-        (f"te.{n}", p) for n, p in raw_te.named_parameters()]
-    ckpt.load_best(run_dir, named, ema)
+    ckpt.load_best(run_dir, named_parameters(raw_unet, raw_te), ema)
     log.info("final/ gets the weights of step %d (best %s %.4g), not of step %d where training stopped; "
              "those are in %s", best, recipe.validation.early_stopping_metric, validator.stopper.best,
              state["step"], run_dir / ckpt.CHECKPOINTS)
@@ -733,8 +741,7 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
     if acc.is_main_process:
         final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema)
         if ema is not None and recipe.ema.use_for_final:
-            ema.copy_to([(f"unet.{n}", p) for n, p in raw_unet.named_parameters()]
-                        + [(f"te.{n}", p) for n, p in raw_te.named_parameters()])
+            ema.copy_to(named_parameters(raw_unet, raw_te))
         if models.weight_dtype != torch.float32:
             for m in (models.pipe.vae, models.text_encoder, raw_unet):
                 m.to(torch.float32)
