@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+log = logging.getLogger("benchmarks.train_throughput")
 sys.path.insert(0, str(REPO / "tests"))
 
 CONFIGS = {
@@ -157,14 +160,28 @@ def main() -> None:
     p.add_argument("--one", help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--sd", help=argparse.SUPPRESS)
+    p.add_argument("--keep", action="store_true", help="keep the work folder (full-size runs write ~14 GB each)")
     args = p.parse_args()
     if args.one:
         return one(args)
+    tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
+    try:
+        results = run_all(args, tmp)
+    finally:
+        # a full-size run leaves final weights and a checkpoint per configuration (~14 GB each):
+        # never leave that behind unless asked
+        if args.keep:
+            log.info("kept %s", tmp)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    print_table(args, results)
+
+
+def run_all(args, tmp: Path) -> dict:
     from _train_helpers import make_dataset
 
     from harness.models.tiny import build_zoo
 
-    tmp = Path(tempfile.mkdtemp(prefix="train-bench-"))
     if args.model == "sd15":
         args.sd = str(build_sd15(tmp / "sd15"))
     else:
@@ -185,6 +202,12 @@ def main() -> None:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(line[0][7:])
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def print_table(args, results: dict) -> None:
     ref = results.get("reference (diffusers example style)", {}).get("images_per_s")
     device = "GPU" if any("gpu_peak_mib" in r for r in results.values()) else "CPU"
     print(f"\nbatch {args.batch}, {args.resolution} px, {args.steps} timed steps (+{args.warmup} warm-up), "
