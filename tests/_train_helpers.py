@@ -71,9 +71,19 @@ def launch_env() -> dict:
     return env
 
 
+def free_port() -> int:
+    """A port nothing listens on now: the launchers' default 29500 is shared with any other job on the
+    machine (a second test session, a user's training), and a taken port fails the launch."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_cmd(num_processes: int = 1) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+           "--dynamo_backend", "no", "--num_processes", str(num_processes), "--main_process_port", str(free_port())]
     # accelerate's --cpu flag starts one process whatever --num_processes says; --multi_gpu with a CPU-only
     # Accelerator gives real multi-process CPU (gloo) training.
     cmd += ["--multi_gpu"] if num_processes > 1 else ["--cpu"]

@@ -20,6 +20,7 @@ from _report_helpers import (
     strip_provenance,
     untrained_estimator,
 )
+from _train_helpers import free_port
 
 from harness.cli import main as cli_main
 from harness.errors import CheckpointError, HarnessError
@@ -170,7 +171,7 @@ def test_two_processes_match_one(run, setup):
     out = setup["root"] / "run2p"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(29500 + os.getpid() % 1000), "-m", "harness", *_eval_args(setup, out, "--no-report")]
+           "--master_port", str(free_port()), "-m", "harness", *_eval_args(setup, out, "--no-report")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # both processes generated: each wrote its own generations file

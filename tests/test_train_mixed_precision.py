@@ -52,7 +52,7 @@ def test_bf16_trains_on_cpu_and_exports_fp32(tiny_sd_dir, data_dir, tmp_path, lo
 
 
 def test_precision_can_change_between_runs_in_one_process(tiny_sd_dir, data_dir, tmp_path):
-    from harness.train.loop import build_accelerator
+    from harness.train.accel import build_accelerator
     from harness.train.recipe import load_recipe
 
     def acc(precision):

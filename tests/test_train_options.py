@@ -159,17 +159,25 @@ def test_wandb_tracker_logs_offline_into_the_run(tiny_sd_dir, tmp_path, monkeypa
     assert any("loss" in h for h in logged) and any("val_loss" in h for h in logged)
 
 
-@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
-def test_sharded_distributed_types_are_refused_with_the_alternative(kind):
+def test_distributed_types_refused_or_allowed_with_the_alternative():
     from accelerate.utils import DistributedType
 
     from harness.errors import ConfigError
-    from harness.train.loop import check_distributed_type
+    from harness.train.accel import check_distributed_type
 
-    with pytest.raises(ConfigError, match=f"distributed_type {kind} is not supported .* use DDP"):
-        check_distributed_type(DistributedType[kind])
+    with pytest.raises(ConfigError, match="distributed_type DEEPSPEED is not supported .* use FSDP"):
+        check_distributed_type(DistributedType.DEEPSPEED, env={})
+    with pytest.raises(ConfigError, match="fsdp_version 1 is not supported .* set fsdp_version: 2"):
+        check_distributed_type(DistributedType.FSDP, 1, env={})
+    # a launch config asking for sharding that accelerate dropped (CPU): each process would hold everything
+    with pytest.raises(ConfigError, match=r"asks for FSDP \(ACCELERATE_USE_FSDP=true\) but accelerate set up "
+                                          r"MULTI_CPU.*shards only on GPUs"):
+        check_distributed_type(DistributedType.MULTI_CPU, env={"ACCELERATE_USE_FSDP": "true"})
+    with pytest.raises(ConfigError, match="asks for DEEPSPEED"):
+        check_distributed_type(DistributedType.NO, env={"ACCELERATE_USE_DEEPSPEED": "True"})
+    check_distributed_type(DistributedType.FSDP, 2, env={"ACCELERATE_USE_FSDP": "true"})
     for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
-        check_distributed_type(DistributedType[ok])
+        check_distributed_type(DistributedType[ok], env={"ACCELERATE_USE_FSDP": "false"})
 
 
 def wandb_history(data: bytes) -> list[dict]:

@@ -22,13 +22,22 @@ import torch
 from harness.errors import CheckpointError
 from harness.io import atomic_dir, atomic_write_json
 from harness.provenance import file_sha256
+from harness.train.ema import local_shard
 
 log = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "trainer_state.json"
+EMA_FILE = "ema.safetensors"
 _NAME = re.compile(r"^step-(\d{8})$")
+
+
+def shard_file(name: str, rank: int | None) -> str:
+    """``ema.safetensors`` / ``best.safetensors`` of an unsharded run; ``ema.rank-001.safetensors`` for
+    each process's shard under FSDP2 (``rank`` given)."""
+    stem, ext = name.split(".", 1)
+    return name if rank is None else f"{stem}.rank-{rank:03d}.{ext}"
 
 
 def checkpoint_name(step: int) -> str:
@@ -102,8 +111,9 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
 
 
 def save_checkpoint(accelerator, run_dir: str | Path, state: dict, lr_scheduler, ema=None,
-                    keep_last: int = 3) -> Path:
-    """Called on every rank (each saves its RNG state); the main rank publishes the folder."""
+                    keep_last: int = 3, shard_rank: int | None = None) -> Path:
+    """Called on every rank (each saves its RNG state, and under FSDP2 its EMA shard: ``shard_rank``);
+    the main rank publishes the folder."""
     from accelerate.utils import broadcast_object_list
 
     path = Path(run_dir) / CHECKPOINTS / checkpoint_name(state["step"])
@@ -113,11 +123,11 @@ def save_checkpoint(accelerator, run_dir: str | Path, state: dict, lr_scheduler,
             tmp[0] = str(stack.enter_context(atomic_dir(path, overwrite=True)))
         tmp = broadcast_object_list(tmp)[0]
         accelerator.save_state(tmp, safe_serialization=True)
+        if ema is not None and (shard_rank is not None or accelerator.is_main_process):
+            ema.save(Path(tmp) / shard_file(EMA_FILE, shard_rank))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             torch.save(lr_scheduler.state_dict(), Path(tmp) / "lr_scheduler.pt")
-            if ema is not None:
-                ema.save(Path(tmp) / "ema.safetensors")
             atomic_write_json(Path(tmp) / STATE, state)
             write_manifest(Path(tmp))
     accelerator.wait_for_everyone()
@@ -132,7 +142,7 @@ def read_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE).read_text())
 
 
-def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None) -> dict:
+def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None, shard_rank: int | None = None) -> dict:
     """Restore models, optimizer, RNG and EMA; refuse a checkpoint of another model. The LR scheduler
     is restored by :func:`load_lr_scheduler` once the loop has built the checkpoint's stage."""
     path = Path(path)
@@ -144,7 +154,7 @@ def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None) 
                               f"{', '.join(diff)}); resume with the recipe that wrote it")
     accelerator.load_state(str(path))
     if ema is not None:
-        ema.load(path / "ema.safetensors")
+        ema.load(path / shard_file(EMA_FILE, shard_rank))
     log.info("resumed from %s (step %d)", path, state["step"])
     return state
 
@@ -161,23 +171,24 @@ def load_lr_scheduler(path: str | Path, lr_scheduler) -> None:
 BEST = "best.safetensors"
 
 
-def save_best(run_dir: str | Path, step: int, named_params, ema=None) -> Path:
+def save_best(run_dir: str | Path, step: int, named_params, ema=None, shard_rank: int | None = None) -> Path:
     """The trainable weights (and EMA shadow) of the best validation so far, written atomically as
-    ``RUN/best.safetensors`` so early stopping can export them instead of the weights at the stop."""
+    ``RUN/best.safetensors`` (one file per process's shards under FSDP2) so early stopping can export
+    them instead of the weights at the stop."""
     from safetensors.torch import save
 
     from harness.io import atomic_write_bytes
 
-    tensors = {f"w.{n}": p.detach().float().cpu().contiguous() for n, p in named_params if p.requires_grad}
+    tensors = {f"w.{n}": local_shard(p).float().cpu().contiguous() for n, p in named_params if p.requires_grad}
     if ema is not None:
         tensors.update({f"ema.{n}": t.cpu().contiguous() for n, t in ema.shadow.items()})
-    return atomic_write_bytes(Path(run_dir) / BEST, save(tensors, metadata={"step": str(step)}))
+    return atomic_write_bytes(Path(run_dir) / shard_file(BEST, shard_rank), save(tensors, metadata={"step": str(step)}))
 
 
-def best_step(run_dir: str | Path) -> int | None:
+def best_step(run_dir: str | Path, shard_rank: int | None = None) -> int | None:
     from safetensors import safe_open
 
-    path = Path(run_dir) / BEST
+    path = Path(run_dir) / shard_file(BEST, shard_rank)
     if not path.is_file():
         return None
     with safe_open(str(path), framework="pt") as f:
@@ -185,16 +196,16 @@ def best_step(run_dir: str | Path) -> int | None:
 
 
 @torch.no_grad()
-def load_best(run_dir: str | Path, named_params, ema=None) -> int:
+def load_best(run_dir: str | Path, named_params, ema=None, shard_rank: int | None = None) -> int:
     """Copy ``RUN/best.safetensors`` back into the model (and EMA); returns its step."""
     from safetensors import safe_open
 
-    path = Path(run_dir) / BEST
+    path = Path(run_dir) / shard_file(BEST, shard_rank)
     with safe_open(str(path), framework="pt") as f:
         keys = set(f.keys())
         for n, p in named_params:
             if f"w.{n}" in keys:
-                p.copy_(f.get_tensor(f"w.{n}").to(p.dtype))
+                local_shard(p).copy_(f.get_tensor(f"w.{n}").to(p.dtype))
         if ema is not None:
             for n in ema.shadow:
                 ema.shadow[n] = f.get_tensor(f"ema.{n}").float()

@@ -17,13 +17,21 @@ def ema_decay(step: int, max_decay: float, update_after_step: int = 0) -> float:
     return min(max_decay, (1 + n) / (10 + n))
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """What this process holds of a tensor: the local shard of a sharded (FSDP2 ``DTensor``) parameter,
+    the tensor itself otherwise. Detached; writing into it writes into the parameter."""
+    t = t.detach()
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class EMA:
-    """Shadow copies of named parameters; ``update`` after each optimizer step."""
+    """Shadow copies of named parameters; ``update`` after each optimizer step. Under FSDP2 each
+    process averages (and saves) only its own shard of every parameter."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float = 0.9999,
                  update_after_step: int = 0):
         self.decay, self.update_after_step = decay, update_after_step
-        self.shadow = {n: p.detach().clone().float() for n, p in named_params if p.requires_grad}
+        self.shadow = {n: local_shard(p).clone().float() for n, p in named_params if p.requires_grad}
         self.step = 0
 
     @torch.no_grad()
@@ -33,13 +41,13 @@ class EMA:
         for name, p in named_params:
             if name in self.shadow:
                 s = self.shadow[name]
-                s.mul_(d).add_(p.detach().float(), alpha=1 - d)
+                s.mul_(d).add_(local_shard(p).float(), alpha=1 - d)
 
     @torch.no_grad()
     def copy_to(self, named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
         for name, p in named_params:
             if name in self.shadow:
-                p.copy_(self.shadow[name].to(p.dtype))
+                local_shard(p).copy_(self.shadow[name].to(p.dtype))
 
     def save(self, path: str | Path) -> None:
         from safetensors.torch import save_file

@@ -33,6 +33,7 @@ from harness.io import append_jsonl, atomic_write_json, atomic_write_text
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
+from harness.train.accel import build_accelerator, is_sharded
 from harness.train.cache import (
     LatentCache,
     TextCache,
@@ -43,7 +44,7 @@ from harness.train.cache import (
     sample_latents,
 )
 from harness.train.ema import EMA
-from harness.train.metrics_log import MetricsLog, StepTimer, available_trackers, memory_stats
+from harness.train.metrics_log import MetricsLog, StepTimer, memory_stats
 from harness.train.pipeline import check_architecture, export_pipeline, load_base, merge_lora, save_lora
 from harness.train.recipe import Recipe, StageCfg, recipe_yaml
 from harness.train.timesteps import check_range, evenly_spaced, sample_timesteps
@@ -161,15 +162,19 @@ def add_lora(unet, text_encoder, recipe: Recipe) -> None:
                                 text_encoder)
 
 
-def fingerprint(models: Models, recipe: Recipe) -> dict:
-    """What a checkpoint must share with this run to be resumable into it."""
+def fingerprint(models: Models, recipe: Recipe, shards: int | None = None) -> dict:
+    """What a checkpoint must share with this run to be resumable into it (under FSDP2, the number of
+    processes: each holds its own EMA shard)."""
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     trainable = [(n, tuple(p.shape)) for m in (models.unet, models.text_encoder)
                  for n, p in m.named_parameters() if p.requires_grad]
-    return {"unet_config": digest(dict(models.unet.config)), "trainable": digest(trainable),
-            "ema": recipe.ema.enabled, "prediction_type": models.prediction_type}
+    fp = {"unet_config": digest(dict(models.unet.config)), "trainable": digest(trainable),
+          "ema": recipe.ema.enabled, "prediction_type": models.prediction_type}
+    if shards is not None:  # only then: unsharded checkpoints written before this key stay resumable
+        fp["shards"] = shards
+    return fp
 
 
 # ---------------------------------------------------------------- data
@@ -336,13 +341,16 @@ def stage_totals(stages: list[StageCfg], steps_per_epoch: int, max_steps: int | 
 # ---------------------------------------------------------------- validation
 
 class Validator:
-    """Validation loss on held-out items, fixed-seed samples and scorers; main process only."""
+    """Validation loss on held-out items, fixed-seed samples and scorers. Runs on the main process; under
+    FSDP2 on every process (each forward gathers the shards from all of them), with only the main
+    process writing samples and scoring them."""
 
     def __init__(self, recipe: Recipe, models: Models, data: Data, latent_cache, text_fn, run_dir: Path,
-                 scorers: dict[str, Scorer]):
+                 scorers: dict[str, Scorer], main: bool = True):
         v = recipe.validation
-        self.recipe, self.models, self.run_dir = recipe, models, run_dir
-        self.scorers = build_scorers(list(v.eval_metrics), scorers, dict(v.scorer_models), models.unet.device)
+        self.recipe, self.models, self.run_dir, self.main = recipe, models, run_dir, main
+        self.scorers = build_scorers(list(v.eval_metrics), scorers, dict(v.scorer_models),
+                                     models.unet.device) if main else {}
         stage0 = recipe.resolved_stages()[0]
         self.timesteps = list(v.timesteps) if v.timesteps else evenly_spaced(
             stage0.t_min, stage0.t_max or models.num_train_timesteps)
@@ -393,7 +401,10 @@ class Validator:
         pipe.set_progress_bar_config(disable=True)
         samples = generate_samples(pipe, list(v.prompts), list(v.seeds), steps=v.num_inference_steps,
                                    guidance=v.guidance_scale, resolution=self.recipe.data.resolution,
-                                   out_dir=self.run_dir / "samples" / ckpt.checkpoint_name(step), step=step)
+                                   out_dir=self.run_dir / "samples" / ckpt.checkpoint_name(step) if self.main
+                                   else None, step=step)
+        if not self.main:
+            return {}
         images, prompts = [s[2] for s in samples], [s[0] for s in samples]
         if "drift" in v.eval_metrics and "drift" not in self.scorers:
             self.scorers["drift"] = drift_scorer(self._reference(images))
@@ -418,44 +429,6 @@ class Validator:
 
 
 # ---------------------------------------------------------------- the run
-
-def build_accelerator(recipe: Recipe, run_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration
-
-    cpu = recipe.train.cpu or not torch.cuda.is_available()
-    if cpu and recipe.train.mixed_precision == "fp16":
-        # accelerate silently drops fp16 autocast and loss scaling on the CPU; the frozen parts would still
-        # be cast to fp16 and the run would be neither fp16 training nor correct fp32 training.
-        raise ConfigError("key 'train.mixed_precision' = 'fp16': needs a GPU (fp16 autocast and loss scaling "
-                          "do not run on the CPU); use bf16 or no here")
-    trackers = available_trackers(list(recipe.logging.trackers))
-    _forget_other_precision(recipe.train.mixed_precision)
-    acc = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, log_with=trackers or None,
-                      project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
-    check_distributed_type(acc.distributed_type)
-    return acc
-
-
-def check_distributed_type(distributed_type) -> None:
-    """Refuse parameter sharding up front: validation and sampling run on the main process alone, which
-    with sharded weights (FSDP, DeepSpeed) waits forever for the other ranks' shards."""
-    kind = str(getattr(distributed_type, "value", distributed_type)).upper()
-    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(f"accelerate config: distributed_type {kind} is not supported by harness.train yet "
-                          f"(main-process validation needs unsharded weights); use DDP "
-                          f"(accelerate launch --multi_gpu) with train.gradient_checkpointing and bf16, or LoRA")
-
-
-def _forget_other_precision(mixed_precision: str) -> None:
-    """accelerate keeps its state per process and refuses a second Accelerator with another precision, so
-    a second in-process run (a notebook, a test session) would fail; the process group (PartialState) stays."""
-    from accelerate.state import AcceleratorState
-
-    state = AcceleratorState._shared_state
-    if state.get("_mixed_precision") not in (None, mixed_precision):
-        AcceleratorState._reset_state(reset_partial_state=False)
-
 
 def _flat(d: dict, prefix: str = "") -> dict:
     out = {}
@@ -526,8 +499,10 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
         with torch.no_grad():
             return encode_text(models.text_encoder, models.pipe.tokenizer, captions)
 
-    validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers) \
-        if acc.is_main_process else None
+    sharded = is_sharded(acc)
+    shard_rank = acc.process_index if sharded else None
+    validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers, main=acc.is_main_process) \
+        if acc.is_main_process or sharded else None
     params = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params)
     if train_text:
@@ -538,11 +513,11 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     raw_unet, raw_te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     named = lambda: named_parameters(raw_unet, raw_te)  # noqa: E731
     ema = EMA(named(), recipe.ema.decay, recipe.ema.update_after_step) if recipe.ema.enabled else None
-    fp = fingerprint(models, recipe)
+    fp = fingerprint(models, recipe, acc.num_processes if sharded else None)
     state = {"step": 0, "stage": 0, "stage_step": 0, "epoch": 0, "step_in_epoch": 0, "early_stopping": {},
              "fingerprint": fp}
     if resume_path is not None:
-        state = ckpt.load_checkpoint(acc, resume_path, fp, ema)
+        state = ckpt.load_checkpoint(acc, resume_path, fp, ema, shard_rank)
     metrics = MetricsLog(acc, run_dir)
     metrics.truncate_after(state["step"])
     if validator is not None:
@@ -558,22 +533,26 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     def save():
         if validator is not None:
             state["early_stopping"] = validator.stopper.state()
-        last_ckpt[0] = ckpt.save_checkpoint(acc, run_dir, dict(state), lr_scheduler, ema, recipe.checkpoint.keep_last)
+        last_ckpt[0] = ckpt.save_checkpoint(acc, run_dir, dict(state), lr_scheduler, ema, recipe.checkpoint.keep_last,
+                                            shard_rank)
 
     def validate() -> bool:
-        stop_now = [False]
-        if acc.is_main_process:
-            results = validator.run(state["step"], raw_unet, raw_te)
-            if results:
-                metrics.write(state["step"], results)
-                log.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4g}" for k, v in results.items()
-                                                                 if "/t=" not in k))
-            stop_now[0] = validator.should_stop(state["step"], results)
-            if keep_best and validator.stopper.best_step == state["step"]:
-                ckpt.save_best(run_dir, state["step"], named(), ema)
         from accelerate.utils import broadcast_object_list
 
-        return broadcast_object_list(stop_now)[0]
+        stop_now, best_now = False, False
+        if validator is not None:
+            results = validator.run(state["step"], raw_unet, raw_te)
+            if acc.is_main_process:
+                if results:
+                    metrics.write(state["step"], results)
+                    log.info("step %d: %s", state["step"], ", ".join(f"{k} {v:.4g}" for k, v in results.items()
+                                                                     if "/t=" not in k))
+                stop_now = validator.should_stop(state["step"], results)
+                best_now = keep_best and validator.stopper.best_step == state["step"]
+        stop_now, best_now = broadcast_object_list([stop_now, best_now])
+        if best_now and (acc.is_main_process or sharded):
+            ckpt.save_best(run_dir, state["step"], named(), ema, shard_rank)
+        return stop_now
 
     from tqdm.auto import tqdm
 
@@ -632,8 +611,10 @@ def _end_stage(recipe, acc, state, stages, models, raw_unet, raw_te, run_dir, sa
     state["stage"] += 1
     state["stage_step"] = 0
     save()  # at the stage boundary, so a resume starts the next stage (overwrites a same-step save)
-    if len(stages) > 1 and not last_stage and acc.is_main_process:
-        _export(recipe, models, raw_unet, raw_te, run_dir / "stages" / stages[si].name, single_file=False)
+    if len(stages) > 1 and not last_stage:
+        unet, te = whole_models(recipe, acc, models, raw_unet, raw_te)
+        if acc.is_main_process:
+            _export(recipe, models, unet, te, run_dir / "stages" / stages[si].name, single_file=False)
     acc.wait_for_everyone()
 
 
@@ -703,6 +684,27 @@ def _export(recipe: Recipe, models: Models, raw_unet, raw_te, out_dir: Path, sin
     return export_pipeline(pipe, out_dir, single_file=single_file)
 
 
+def whole_models(recipe: Recipe, acc, models: Models, raw_unet, raw_te):
+    """The trained UNet and text encoder with all their weights, on the main process (called on every
+    process). Unsharded runs already hold them; under FSDP2 the full state is gathered from the shards
+    and loaded into a fresh unsharded copy of the base model (with the LoRA layers, for LoRA runs)."""
+    if not is_sharded(acc):
+        return raw_unet, raw_te
+    unet_state = acc.get_state_dict(raw_unet)
+    te_trained = any(p.requires_grad for p in raw_te.parameters())
+    te_state = acc.get_state_dict(raw_te) if te_trained else None
+    if not acc.is_main_process:
+        return None, None
+    pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
+    if recipe.lora.enabled:
+        add_lora(pipe.unet, pipe.text_encoder, recipe)
+    pipe.unet.load_state_dict(unet_state)
+    if te_state is None:
+        return pipe.unet, raw_te
+    pipe.text_encoder.load_state_dict(te_state)
+    return pipe.unet, pipe.text_encoder
+
+
 def named_parameters(unet, text_encoder) -> list[tuple[str, torch.nn.Parameter]]:
     """Both models' parameters under one namespace (``unet.*``, ``te.*``): the names EMA and the best
     weights are stored under."""
@@ -715,37 +717,59 @@ def keeps_best(recipe: Recipe) -> bool:
     return recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None
 
 
-def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema) -> int:
-    """The step whose weights final/ gets: the best validation's when early stopping keeps them."""
-    best = validator.stopper.best_step if validator is not None else None
+def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema, shard_rank) -> int:
+    """The step whose weights final/ gets: the best validation's when early stopping keeps them. The
+    main process decides; under FSDP2 every process loads its own shards."""
+    best = validator.stopper.best_step if validator is not None and validator.main else None
     if not keeps_best(recipe) or best is None or best == state["step"]:
         return state["step"]
-    on_disk = ckpt.best_step(run_dir)
+    on_disk = ckpt.best_step(run_dir, shard_rank)
     if on_disk != best:  # e.g. a resume discarded the steps that wrote it
         log.warning("%s holds step %s, not the best validation's step %d: final/ gets the last step's weights",
-                    run_dir / ckpt.BEST, on_disk, best)
+                    run_dir / ckpt.shard_file(ckpt.BEST, shard_rank), on_disk, best)
         return state["step"]
-    ckpt.load_best(run_dir, named_parameters(raw_unet, raw_te), ema)
-    log.info("final/ gets the weights of step %d (best %s %.4g), not of step %d where training stopped; "
-             "those are in %s", best, recipe.validation.early_stopping_metric, validator.stopper.best,
-             state["step"], run_dir / ckpt.CHECKPOINTS)
     return best
 
 
+def _load_best(recipe, run_dir, state, best: int, validator, raw_unet, raw_te, ema, shard_rank) -> None:
+    if best == state["step"]:
+        return
+    ckpt.load_best(run_dir, named_parameters(raw_unet, raw_te), ema, shard_rank)
+    if validator is None or not validator.main:
+        return
+    log.info("final/ gets the weights of step %d (best %s %.4g), not of step %d where training stopped; "
+             "those are in %s", best, recipe.validation.early_stopping_metric, validator.stopper.best,
+             state["step"], run_dir / ckpt.CHECKPOINTS)
+
+
 def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, reason: str, validator) -> Path:
+    from accelerate.utils import broadcast_object_list
+
     acc.wait_for_everyone()
-    if recipe.logging.data_order:  # what each rank holds, to check that ranks agree with the saved weights
+    sharded = is_sharded(acc)
+    shard_rank = acc.process_index if sharded else None
+    if recipe.logging.data_order and not sharded:  # what each rank holds: ranks must agree with final/
         append_jsonl(run_dir / "data_order" / f"rank-{acc.process_index}.jsonl",
                      {"step": state["step"], "unet_sha256": module_hash(raw_unet)})
     final = run_dir / "final"
+    final_step = state["step"]
     if acc.is_main_process:
-        final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema)
+        final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema, shard_rank)
+    if sharded:
+        final_step = broadcast_object_list([final_step])[0]
+    if acc.is_main_process or sharded:
+        _load_best(recipe, run_dir, state, final_step, validator, raw_unet, raw_te, ema, shard_rank)
         if ema is not None and recipe.ema.use_for_final:
             ema.copy_to(named_parameters(raw_unet, raw_te))
+    unet, te = whole_models(recipe, acc, models, raw_unet, raw_te)
+    if acc.is_main_process:
+        if recipe.logging.data_order and sharded:
+            append_jsonl(run_dir / "data_order" / f"rank-{acc.process_index}.jsonl",
+                         {"step": state["step"], "unet_sha256": module_hash(unet)})
         if models.weight_dtype != torch.float32:
-            for m in (models.pipe.vae, models.text_encoder, raw_unet):
+            for m in (models.pipe.vae, models.text_encoder, unet, te):
                 m.to(torch.float32)
-        _export(recipe, models, raw_unet, raw_te, final, single_file=recipe.checkpoint.single_file)
+        _export(recipe, models, unet, te, final, single_file=recipe.checkpoint.single_file)
         stopper = validator.stopper if validator is not None else None
         atomic_write_json(run_dir / "train_summary.json", {
             "final": str(final), "steps": state["step"], "epochs_started": state["epoch"], "stopped": reason,

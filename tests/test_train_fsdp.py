@@ -1,0 +1,121 @@
+"""FSDP2 on two CPU processes (gloo): validation and sampling on sharded weights, sharded checkpoints
+with per-process EMA shards, an exact resume, and final weights that match a DDP run of the same
+recipe. accelerate shards only on accelerators, so ``_fsdp_cpu.py`` switches its state to FSDP2 after
+building the Accelerator; all the sharding code that runs is accelerate's and torch's."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+from _train_helpers import REPO, accelerate_cmd, launch_env, make_dataset, overrides, run_launch
+
+from harness.io import read_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def run_fsdp(args: list, extra: tuple = ()) -> subprocess.CompletedProcess:
+    launch = accelerate_cmd(2)[:-2]  # without its "-m harness.train"
+    cmd = [*launch, str(REPO / "tests" / "_fsdp_cpu.py"), *map(str, args), *extra]
+    return subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("fsdp-data"), n_train=8, n_val=2)
+
+
+def recipe_args(sd_dir, data, out, cache, **extra) -> list:
+    return [REPO / "recipes" / "tiny-cpu.yaml", *overrides(sd_dir, data, out, cache, **{
+        "train.max_steps": 4, "train.batch_size": 2, "train.max_grad_norm": 1.0, "ema.enabled": True,
+        "validation.every_steps": 2, "validation.prompts": "['a cat']", "validation.seeds": "[0]",
+        "validation.eval_metrics": "[]", "checkpoint.every_steps": 2, "checkpoint.keep_last": 3,
+        "logging.data_order": True, **extra})]
+
+
+def test_fsdp2_trains_validates_resumes_exactly_and_matches_ddp(tiny_sd_dir, data, tmp_path):
+    sharded, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
+    proc = run_fsdp(recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    ck = sharded / "checkpoints" / "step-00000002"
+    assert (ck / "pytorch_model_fsdp_0").is_dir()  # accelerate's sharded (DCP) model state
+    assert {p.name for p in ck.glob("ema*")} == {"ema.rank-000.safetensors", "ema.rank-001.safetensors"}
+    # validation ran on the sharded weights (every process takes part), samples written once
+    vals = [m for m in read_jsonl(sharded / "metrics.jsonl") if "val_loss" in m]
+    assert [m["step"] for m in vals] == [0, 2, 4]
+    assert [p.name for p in (sharded / "samples" / "step-00000004").glob("*.png")] == ["p00-s0.png"]
+    # the exported weights are the whole model, EMA applied, and load in plain diffusers
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(sharded / "final")
+    assert sum(p.numel() for p in pipe.unet.parameters()) == sum(t.numel() for t in weights(sharded / "final").values())
+    base = weights(tiny_sd_dir)
+    assert max_diff(weights(sharded / "final"), base) > 1e-4
+
+    # the same recipe under DDP: the same data per rank and the same noise, so (up to the order of float
+    # sums in reduce-scatter vs all-reduce) the same weights
+    proc = run_launch(recipe_args(tiny_sd_dir, data, ddp, tmp_path / "cache"), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert max_diff(weights(sharded / "final"), weights(ddp / "final")) < 1e-5
+
+    # resume from the step-2 checkpoint (drop everything after it): bit-identical final weights
+    shutil.copytree(sharded, resumed)
+    for p in ("final", "final.safetensors", "train_summary.json", "checkpoints/step-00000004"):
+        shutil.rmtree(resumed / p) if (resumed / p).is_dir() else (resumed / p).unlink()
+    proc = run_fsdp(recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache"), ("--resume", "latest"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "step-00000002" in proc.stderr
+    assert max_diff(weights(sharded / "final"), weights(resumed / "final")) == 0.0
+
+
+def lora_weights(run) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+
+
+def test_fsdp2_lora_exports_the_adapter_alone_and_matches_ddp(tiny_sd_dir, data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    lora = {"lora.enabled": True, "ema.enabled": False, "train.max_steps": 2, "validation.every_steps": 0,
+            "checkpoint.every_steps": 0}
+    sharded, ddp, bf16 = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "bf16"
+    proc = run_fsdp(recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache", **lora))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    proc = run_launch(recipe_args(tiny_sd_dir, data, ddp, tmp_path / "cache", **lora), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = lora_weights(sharded), lora_weights(ddp)
+    assert a.keys() == b.keys() and any("lora.up" in k for k in a)
+    assert max_diff(a, b) < 1e-5
+    assert max(t.abs().max().item() for k, t in a.items() if "lora.up" in k) > 0  # starts at zero: it trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
+    pipe.load_lora_weights(sharded / "lora")
+    # bf16 under FSDP2: accelerate's mixed-precision policy all-gathers in bf16, LoRA weights train in fp32
+    proc = run_fsdp(recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **lora, **{"train.mixed_precision": "bf16"}))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(t.dtype == torch.float32 for t in weights(bf16 / "final").values())
+    assert max_diff(lora_weights(bf16), a) < 1e-2
+
+
+def test_fsdp2_refuses_text_encoder_lora_before_any_work(tiny_sd_dir, data, tmp_path):
+    out = tmp_path / "run"
+    proc = run_fsdp(recipe_args(tiny_sd_dir, data, out, tmp_path / "cache", **{
+        "lora.enabled": True, "lora.text_encoder": True, "data.cache_text": False}))
+    assert proc.returncode != 0
+    assert "key 'lora.text_encoder' = true: under FSDP accelerate shards one model" in proc.stderr
+    assert not (out / "checkpoints").exists() and not (out / "recipe.yaml").exists()
