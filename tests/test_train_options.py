@@ -165,8 +165,8 @@ def test_distributed_types_refused_or_allowed_with_the_alternative():
     from harness.errors import ConfigError
     from harness.train.accel import check_distributed_type
 
-    with pytest.raises(ConfigError, match="distributed_type DEEPSPEED is not supported .* use FSDP"):
-        check_distributed_type(DistributedType.DEEPSPEED, env={})
+    with pytest.raises(ConfigError, match="distributed_type MEGATRON_LM is not supported .* use FSDP"):
+        check_distributed_type(DistributedType.MEGATRON_LM, env={})
     with pytest.raises(ConfigError, match="fsdp_version 1 is not supported .* set fsdp_version: 2"):
         check_distributed_type(DistributedType.FSDP, 1, env={})
     # a launch config asking for sharding that accelerate dropped (CPU): each process would hold everything
@@ -176,6 +176,7 @@ def test_distributed_types_refused_or_allowed_with_the_alternative():
     with pytest.raises(ConfigError, match="asks for DEEPSPEED"):
         check_distributed_type(DistributedType.NO, env={"ACCELERATE_USE_DEEPSPEED": "True"})
     check_distributed_type(DistributedType.FSDP, 2, env={"ACCELERATE_USE_FSDP": "true"})
+    check_distributed_type(DistributedType.DEEPSPEED, env={"ACCELERATE_USE_DEEPSPEED": "true"})
     for ok in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_type(DistributedType[ok], env={"ACCELERATE_USE_FSDP": "false"})
 
@@ -207,3 +208,32 @@ def wandb_history(data: bytes) -> list[dict]:
         else:
             pos += block - pos % block if pos % block else 0
     return out
+
+
+def _fake_deepspeed_acc(config: dict, processes: int = 2):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=config)),
+                           num_processes=processes, is_main_process=True, gradient_accumulation_steps=1)
+
+
+def test_deepspeed_config_checked_and_filled_from_the_recipe(tiny_sd_dir, tmp_path, caplog):
+    from harness.errors import ConfigError
+    from harness.train.accel import configure_deepspeed
+
+    r = recipe(tiny_sd_dir, tmp_path, tmp_path, **{"train.batch_size": 3, "train.grad_accum": 4,
+                                                   "train.max_grad_norm": 0.5})
+    with pytest.raises(ConfigError, match=r"zero_optimization.stage = 3 is not supported .* use stage 1 or 2, or FSDP"):
+        configure_deepspeed(_fake_deepspeed_acc({"zero_optimization": {"stage": 3}}), r)
+    with pytest.raises(ConfigError, match=r"has an 'optimizer' section; harness.train builds the optimizer from "
+                                          r"the recipe \(train.optimizer\): remove it"):
+        configure_deepspeed(_fake_deepspeed_acc({"zero_optimization": {"stage": 2}, "optimizer": {}}), r)
+    cfg = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+           "gradient_accumulation_steps": 1, "gradient_clipping": 0.5}
+    acc = _fake_deepspeed_acc(cfg, processes=2)
+    configure_deepspeed(acc, r)
+    assert (cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"], cfg["gradient_clipping"],
+            cfg["train_batch_size"]) == (3, 4, 0.5, 24)
+    assert acc.gradient_accumulation_steps == 4
+    assert "gradient_accumulation_steps = 1 replaced by the recipe's train.grad_accum (4)" in caplog.text
+    assert "gradient_clipping" not in caplog.text  # equal values are not reported

@@ -1,8 +1,10 @@
 """The Accelerator a run trains with, and which of accelerate's distributed modes harness.train supports:
-DDP, FSDP2 (sharded: see :func:`is_sharded`), not DeepSpeed or Megatron."""
+DDP, FSDP2 (sharded parameters: see :func:`is_sharded`), DeepSpeed ZeRO stages 1-2 (sharded optimizer
+state and gradients: see :func:`configure_deepspeed`); not ZeRO-3 or Megatron."""
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +13,8 @@ import torch
 from harness.errors import ConfigError
 from harness.train.metrics_log import available_trackers
 from harness.train.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def build_accelerator(recipe: Recipe, run_dir: Path):
@@ -29,9 +33,12 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
     plugin = getattr(acc.state, "fsdp_plugin", None) if acc.distributed_type == "FSDP" else None
     check_distributed_type(acc.distributed_type, getattr(plugin, "fsdp_version", None))
-    if is_sharded(acc) and recipe.lora.text_encoder:
-        raise ConfigError("key 'lora.text_encoder' = true: under FSDP accelerate shards one model per run and this "
-                          "would train two (UNet and text encoder); set lora.text_encoder=false or use DDP")
+    if (is_sharded(acc) or is_deepspeed(acc)) and recipe.lora.text_encoder:
+        kind = "FSDP" if is_sharded(acc) else "DeepSpeed"
+        raise ConfigError(f"key 'lora.text_encoder' = true: under {kind} accelerate prepares one model per run and "
+                          f"this would train two (UNet and text encoder); set lora.text_encoder=false or use DDP")
+    if is_deepspeed(acc):
+        configure_deepspeed(acc, recipe)
     return acc
 
 
@@ -41,9 +48,9 @@ def check_distributed_type(distributed_type, fsdp_version: int | None = None, en
     gives plain processes that each hold everything)."""
     env = os.environ if env is None else env
     kind = str(getattr(distributed_type, "value", distributed_type)).upper()
-    if kind in ("DEEPSPEED", "MEGATRON_LM"):
-        raise ConfigError(f"accelerate config: distributed_type {kind} is not supported by harness.train (its "
-                          f"engine owns the optimizer and checkpoints); use FSDP (fsdp_version: 2) or DDP")
+    if kind == "MEGATRON_LM":
+        raise ConfigError("accelerate config: distributed_type MEGATRON_LM is not supported by harness.train; use "
+                          "FSDP (fsdp_version: 2), DeepSpeed (ZeRO stage 1-2) or DDP")
     if kind == "FSDP" and fsdp_version != 2:
         raise ConfigError(f"accelerate config: fsdp_version {fsdp_version} is not supported by harness.train; "
                           f"set fsdp_version: 2 (per-parameter sharding, which LoRA's frozen base weights need)")
@@ -68,3 +75,44 @@ def is_sharded(acc) -> bool:
     """FSDP2: each process holds a shard of every trained parameter, so anything that runs the model or
     reads its weights (validation, export, EMA, the best weights) runs on every process."""
     return acc.distributed_type == "FSDP"
+
+
+def is_deepspeed(acc) -> bool:
+    """DeepSpeed's engine steps the optimizer inside ``backward`` at the accumulation boundary it is told of,
+    scales the loss by the accumulation itself and clips by its config."""
+    return acc.distributed_type == "DEEPSPEED"
+
+
+# the recipe key each DeepSpeed batch setting comes from (harness prepares no dataloader, so accelerate
+# cannot infer them, and the recipe is where a run's batch, accumulation and clipping are set)
+DEEPSPEED_FROM_RECIPE = {"train_micro_batch_size_per_gpu": "train.batch_size",
+                         "gradient_accumulation_steps": "train.grad_accum",
+                         "gradient_clipping": "train.max_grad_norm",
+                         "train_batch_size": "train.batch_size x train.grad_accum x processes"}
+
+
+def configure_deepspeed(acc, recipe: Recipe) -> None:
+    """Check the DeepSpeed config and fill its batch settings from the recipe, before any long work."""
+    plugin = acc.state.deepspeed_plugin
+    cfg = plugin.deepspeed_config
+    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
+    if stage >= 3:
+        raise ConfigError(f"DeepSpeed config: zero_optimization.stage = {stage} is not supported by harness.train "
+                          f"(validation, EMA and export read whole parameters); use stage 1 or 2, or FSDP "
+                          f"(fsdp_version: 2) to shard parameters")
+    for section, key in (("optimizer", "train.optimizer"), ("scheduler", "train.lr_scheduler")):
+        if section in cfg:
+            raise ConfigError(f"DeepSpeed config: has an '{section}' section; harness.train builds the {section} "
+                              f"from the recipe ({key}): remove it")
+    t = recipe.train
+    want = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
+            "gradient_clipping": float(t.max_grad_norm or 0.0),
+            "train_batch_size": t.batch_size * t.grad_accum * acc.num_processes}
+    for key, value in want.items():
+        have = cfg.get(key, "auto")
+        if have != "auto" and float(have) != float(value) and acc.is_main_process:
+            # accelerate's own config writes gradient_accumulation_steps: 1 whatever the run needs
+            log.warning("DeepSpeed config %s = %s replaced by the recipe's %s (%s)", key, have,
+                        DEEPSPEED_FROM_RECIPE[key], value)
+        cfg[key] = value
+    acc.gradient_accumulation_steps = t.grad_accum

@@ -1,7 +1,8 @@
 """Training checkpoints: atomic, verified, rotated, and resumable exactly.
 
 A checkpoint is ``RUN/checkpoints/step-NNNNNNNN/`` holding accelerate's state (model, optimizer, RNG of
-every rank), ``lr_scheduler.pt``, ``ema.safetensors`` (when EMA is on), ``trainer_state.json`` (step,
+every rank; under DeepSpeed its engine's files), ``lr_scheduler.pt``, ``ema.safetensors`` (when EMA
+is on; ``ema.rank-NNN.safetensors`` per process under FSDP2), ``trainer_state.json`` (step,
 epoch, stage, data position, model fingerprint) and, written last, ``manifest.json`` with the sha256
 of every file. The folder is built under a ``.tmp-*`` name and renamed only when complete, so a kill
 never leaves a half-written folder under a name ``--resume latest`` would pick; a folder whose files

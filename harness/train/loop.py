@@ -33,7 +33,7 @@ from harness.io import append_jsonl, atomic_write_json, atomic_write_text
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
-from harness.train.accel import build_accelerator, is_sharded
+from harness.train.accel import build_accelerator, is_deepspeed, is_sharded
 from harness.train.cache import (
     LatentCache,
     TextCache,
@@ -78,6 +78,7 @@ class Models:
     prediction_type: str
     scaling_factor: float
     weight_dtype: torch.dtype
+    input_dtype: torch.dtype | None = None  # DeepSpeed casts the UNet itself and autocasts nothing
 
 
 @dataclass
@@ -162,9 +163,9 @@ def add_lora(unet, text_encoder, recipe: Recipe) -> None:
                                 text_encoder)
 
 
-def fingerprint(models: Models, recipe: Recipe, shards: int | None = None) -> dict:
+def fingerprint(models: Models, recipe: Recipe, shards: int | None = None, engine: str | None = None) -> dict:
     """What a checkpoint must share with this run to be resumable into it (under FSDP2, the number of
-    processes: each holds its own EMA shard)."""
+    processes: each holds its own EMA shard; under DeepSpeed, the engine: its checkpoints are its own)."""
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -172,8 +173,10 @@ def fingerprint(models: Models, recipe: Recipe, shards: int | None = None) -> di
                  for n, p in m.named_parameters() if p.requires_grad]
     fp = {"unet_config": digest(dict(models.unet.config)), "trainable": digest(trainable),
           "ema": recipe.ema.enabled, "prediction_type": models.prediction_type}
-    if shards is not None:  # only then: unsharded checkpoints written before this key stay resumable
+    if shards is not None:  # only then: unsharded checkpoints written before these keys stay resumable
         fp["shards"] = shards
+    if engine is not None:
+        fp["engine"] = engine
     return fp
 
 
@@ -295,7 +298,8 @@ def diffusion_loss(unet, models: Models, dist: torch.Tensor, hidden: torch.Tenso
     t = sample_timesteps(len(x0), stage.t_min, stage.t_max or models.num_train_timesteps, gen)
     noisy = losses.add_noise(x0, noise, t, models.alphas_cumprod)
     tgt = losses.target(models.prediction_type, x0, noise, t, models.alphas_cumprod)
-    pred = unet(noisy.to(device), t.to(device), hidden.to(device), return_dict=False)[0]
+    dt = models.input_dtype
+    pred = unet(noisy.to(device, dt), t.to(device), hidden.to(device, dt), return_dict=False)[0]
     weights = None
     if t_cfg.min_snr_gamma:
         weights = losses.min_snr_weights(losses.snr(t, models.alphas_cumprod), t_cfg.min_snr_gamma,
@@ -501,6 +505,8 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
 
     sharded = is_sharded(acc)
     shard_rank = acc.process_index if sharded else None
+    if is_deepspeed(acc) and models.weight_dtype != torch.float32:
+        models.input_dtype = models.weight_dtype
     validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers, main=acc.is_main_process) \
         if acc.is_main_process or sharded else None
     params = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
@@ -513,7 +519,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     raw_unet, raw_te = acc.unwrap_model(unet), acc.unwrap_model(text_encoder)
     named = lambda: named_parameters(raw_unet, raw_te)  # noqa: E731
     ema = EMA(named(), recipe.ema.decay, recipe.ema.update_after_step) if recipe.ema.enabled else None
-    fp = fingerprint(models, recipe, acc.num_processes if sharded else None)
+    fp = fingerprint(models, recipe, acc.num_processes if sharded else None, "deepspeed" if is_deepspeed(acc) else None)
     state = {"step": 0, "stage": 0, "stage_step": 0, "epoch": 0, "step_in_epoch": 0, "early_stopping": {},
              "fingerprint": fp}
     if resume_path is not None:
@@ -621,6 +627,7 @@ def _end_stage(recipe, acc, state, stages, models, raw_unet, raw_te, run_dir, sa
 def _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage, state, last_good, train_text,
                     timer: StepTimer) -> float:
     k = recipe.train.grad_accum
+    ds = is_deepspeed(acc)
     total = 0.0
     for micro in range(k):
         with timer("data"):
@@ -629,16 +636,18 @@ def _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage,
             append_jsonl(Path(recipe.output_dir) / "data_order" / f"rank-{acc.process_index}.jsonl",
                          {"step": state["step"] + 1, "micro": micro, "keys": batch["key"]})
         gen = step_generator(recipe.train.seed, state["step"], micro, acc.process_index)
-        with contextlib.nullcontext() if micro == k - 1 else acc.no_sync(unet):
+        if ds:  # the engine steps the optimizer inside backward, at the boundary it is told of
+            acc.sync_gradients = micro == k - 1
+        with contextlib.nullcontext() if micro == k - 1 or ds else acc.no_sync(unet):
             with timer("encode"):
                 dist, hidden = encode_batch(batch, models, text_cache, train_text)
             with timer("unet"):
                 loss = diffusion_loss(unet, models, dist, hidden.to(acc.device), stage, recipe, gen)
                 _check_finite(acc, loss, state["step"], last_good, recipe)
-                acc.backward(loss / k)
+                acc.backward(loss if ds else loss / k)  # DeepSpeed divides by its accumulation steps
         total += loss.detach().item() / k
     with timer("optimizer"):
-        if recipe.train.max_grad_norm:
+        if recipe.train.max_grad_norm and not ds:  # DeepSpeed clips by its config (gradient_clipping)
             acc.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], recipe.train.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -1,7 +1,8 @@
-"""FSDP2 on two CPU processes (gloo): validation and sampling on sharded weights, sharded checkpoints
-with per-process EMA shards, an exact resume, and final weights that match a DDP run of the same
-recipe. accelerate shards only on accelerators, so ``_fsdp_cpu.py`` switches its state to FSDP2 after
-building the Accelerator; all the sharding code that runs is accelerate's and torch's."""
+"""FSDP2 and DeepSpeed ZeRO-2 on two CPU processes (gloo): validation and sampling, the engines' own
+checkpoints (with per-process EMA shards under FSDP2), an exact resume, and final weights that match a
+DDP run of the same recipe. accelerate sets these engines up only on accelerators, so ``_cpu_engines.py``
+switches its state after building the Accelerator; all the sharding code that runs is accelerate's,
+torch's and DeepSpeed's."""
 
 from __future__ import annotations
 
@@ -17,9 +18,9 @@ from harness.io import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def run_fsdp(args: list, extra: tuple = ()) -> subprocess.CompletedProcess:
+def run_engine(engine: str, args: list, extra: tuple = ()) -> subprocess.CompletedProcess:
     launch = accelerate_cmd(2)[:-2]  # without its "-m harness.train"
-    cmd = [*launch, str(REPO / "tests" / "_fsdp_cpu.py"), *map(str, args), *extra]
+    cmd = [*launch, str(REPO / "tests" / "_cpu_engines.py"), engine, *map(str, args), *extra]
     return subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -49,7 +50,7 @@ def recipe_args(sd_dir, data, out, cache, **extra) -> list:
 
 def test_fsdp2_trains_validates_resumes_exactly_and_matches_ddp(tiny_sd_dir, data, tmp_path):
     sharded, ddp, resumed = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "resumed"
-    proc = run_fsdp(recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache"))
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache"))
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     ck = sharded / "checkpoints" / "step-00000002"
@@ -77,7 +78,7 @@ def test_fsdp2_trains_validates_resumes_exactly_and_matches_ddp(tiny_sd_dir, dat
     shutil.copytree(sharded, resumed)
     for p in ("final", "final.safetensors", "train_summary.json", "checkpoints/step-00000004"):
         shutil.rmtree(resumed / p) if (resumed / p).is_dir() else (resumed / p).unlink()
-    proc = run_fsdp(recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache"), ("--resume", "latest"))
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache"), ("--resume", "latest"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "step-00000002" in proc.stderr
     assert max_diff(weights(sharded / "final"), weights(resumed / "final")) == 0.0
@@ -95,7 +96,7 @@ def test_fsdp2_lora_exports_the_adapter_alone_and_matches_ddp(tiny_sd_dir, data,
     lora = {"lora.enabled": True, "ema.enabled": False, "train.max_steps": 2, "validation.every_steps": 0,
             "checkpoint.every_steps": 0}
     sharded, ddp, bf16 = tmp_path / "fsdp", tmp_path / "ddp", tmp_path / "bf16"
-    proc = run_fsdp(recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache", **lora))
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, sharded, tmp_path / "cache", **lora))
     assert proc.returncode == 0, proc.stderr[-4000:]
     proc = run_launch(recipe_args(tiny_sd_dir, data, ddp, tmp_path / "cache", **lora), num_processes=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -106,7 +107,7 @@ def test_fsdp2_lora_exports_the_adapter_alone_and_matches_ddp(tiny_sd_dir, data,
     pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     pipe.load_lora_weights(sharded / "lora")
     # bf16 under FSDP2: accelerate's mixed-precision policy all-gathers in bf16, LoRA weights train in fp32
-    proc = run_fsdp(recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **lora, **{"train.mixed_precision": "bf16"}))
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **lora, **{"train.mixed_precision": "bf16"}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(t.dtype == torch.float32 for t in weights(bf16 / "final").values())
     assert max_diff(lora_weights(bf16), a) < 1e-2
@@ -114,8 +115,44 @@ def test_fsdp2_lora_exports_the_adapter_alone_and_matches_ddp(tiny_sd_dir, data,
 
 def test_fsdp2_refuses_text_encoder_lora_before_any_work(tiny_sd_dir, data, tmp_path):
     out = tmp_path / "run"
-    proc = run_fsdp(recipe_args(tiny_sd_dir, data, out, tmp_path / "cache", **{
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, out, tmp_path / "cache", **{
         "lora.enabled": True, "lora.text_encoder": True, "data.cache_text": False}))
     assert proc.returncode != 0
-    assert "key 'lora.text_encoder' = true: under FSDP accelerate shards one model" in proc.stderr
+    assert "key 'lora.text_encoder' = true: under FSDP accelerate prepares one model" in proc.stderr
     assert not (out / "checkpoints").exists() and not (out / "recipe.yaml").exists()
+
+
+def test_deepspeed_zero2_accumulates_clips_resumes_exactly_and_matches_ddp(tiny_sd_dir, data, tmp_path):
+    # accumulation 2 at batch 1: the engine must step at the boundary only, and scale the loss itself
+    ds_args = {"train.batch_size": 1, "train.grad_accum": 2}
+    zero, ddp, resumed = tmp_path / "zero2", tmp_path / "ddp", tmp_path / "resumed"
+    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, zero, tmp_path / "cache", **ds_args))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # accelerate's config said 1; the recipe's accumulation wins, and says so
+    assert "DeepSpeed config gradient_accumulation_steps = 1 replaced by the recipe's train.grad_accum (2)" in proc.stderr
+    ck = zero / "checkpoints" / "step-00000002"
+    assert (ck / "pytorch_model").is_dir() and (ck / "ema.safetensors").is_file()
+    assert [m["step"] for m in read_jsonl(zero / "metrics.jsonl") if "val_loss" in m] == [0, 2, 4]
+
+    proc = run_launch(recipe_args(tiny_sd_dir, data, ddp, tmp_path / "cache", **ds_args), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert max_diff(weights(zero / "final"), weights(tiny_sd_dir)) > 1e-4
+    assert max_diff(weights(zero / "final"), weights(ddp / "final")) < 1e-5
+
+    shutil.copytree(zero, resumed)
+    for p in ("final", "final.safetensors", "train_summary.json", "checkpoints/step-00000004"):
+        shutil.rmtree(resumed / p) if (resumed / p).is_dir() else (resumed / p).unlink()
+    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache", **ds_args),
+                      ("--resume", "latest"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stderr and "step-00000002" in proc.stderr
+    assert max_diff(weights(zero / "final"), weights(resumed / "final")) == 0.0
+
+    # bf16: the engine casts the UNet itself and autocasts nothing, so the loop feeds it bf16 inputs
+    bf16 = tmp_path / "bf16"
+    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **ds_args, **{
+        "lora.enabled": True, "train.mixed_precision": "bf16", "train.max_steps": 2, "validation.every_steps": 0,
+        "checkpoint.every_steps": 0}))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(t.dtype == torch.float32 for t in weights(bf16 / "final").values())
+    assert (bf16 / "lora" / "pytorch_lora_weights.safetensors").is_file()
