@@ -1,5 +1,5 @@
-"""FSDP2 and DeepSpeed ZeRO-2 on two CPU processes (gloo): validation and sampling, the engines' own
-checkpoints (with per-process EMA shards under FSDP2), an exact resume, and final weights that match a
+"""FSDP2 and DeepSpeed ZeRO-2/3 on two CPU processes (gloo): validation and sampling, the engines' own
+checkpoints (with per-process EMA shards when parameters are sharded), an exact resume, and final weights that match a
 DDP run of the same recipe. accelerate sets these engines up only on accelerators, so ``_cpu_engines.py``
 switches its state after building the Accelerator; all the sharding code that runs is accelerate's,
 torch's and DeepSpeed's."""
@@ -122,37 +122,50 @@ def test_fsdp2_refuses_text_encoder_lora_before_any_work(tiny_sd_dir, data, tmp_
     assert not (out / "checkpoints").exists() and not (out / "recipe.yaml").exists()
 
 
-def test_deepspeed_zero2_accumulates_clips_resumes_exactly_and_matches_ddp(tiny_sd_dir, data, tmp_path):
-    # accumulation 2 at batch 1: the engine must step at the boundary only, and scale the loss itself
-    ds_args = {"train.batch_size": 1, "train.grad_accum": 2}
-    zero, ddp, resumed = tmp_path / "zero2", tmp_path / "ddp", tmp_path / "resumed"
-    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, zero, tmp_path / "cache", **ds_args))
+@pytest.fixture(scope="module")
+def ddp_accumulating(tiny_sd_dir, data, tmp_path_factory):
+    """The DeepSpeed tests' reference: the same recipe under DDP."""
+    out = tmp_path_factory.mktemp("ddp-accum") / "run"
+    proc = run_launch(recipe_args(tiny_sd_dir, data, out, out.parent / "cache", **DS_ARGS), num_processes=2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+# accumulation 2 at batch 1: the engine must step at the boundary only, and scale the loss itself
+DS_ARGS = {"train.batch_size": 1, "train.grad_accum": 2}
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_deepspeed_accumulates_clips_resumes_exactly_and_matches_ddp(engine, tiny_sd_dir, data, ddp_accumulating,
+                                                                     tmp_path):
+    zero, resumed = tmp_path / engine, tmp_path / "resumed"
+    proc = run_engine(engine, recipe_args(tiny_sd_dir, data, zero, tmp_path / "cache", **DS_ARGS))
     assert proc.returncode == 0, proc.stderr[-4000:]
     # accelerate's config said 1; the recipe's accumulation wins, and says so
     assert "DeepSpeed config gradient_accumulation_steps = 1 replaced by the recipe's train.grad_accum (2)" in proc.stderr
     ck = zero / "checkpoints" / "step-00000002"
-    assert (ck / "pytorch_model").is_dir() and (ck / "ema.safetensors").is_file()
+    # ZeRO-3 partitions the parameters, so each process keeps the EMA of its own partition
+    ema = {"zero2": {"ema.safetensors"}, "zero3": {"ema.rank-000.safetensors", "ema.rank-001.safetensors"}}[engine]
+    assert (ck / "pytorch_model").is_dir() and {p.name for p in ck.glob("ema*")} == ema
     assert [m["step"] for m in read_jsonl(zero / "metrics.jsonl") if "val_loss" in m] == [0, 2, 4]
-
-    proc = run_launch(recipe_args(tiny_sd_dir, data, ddp, tmp_path / "cache", **ds_args), num_processes=2)
-    assert proc.returncode == 0, proc.stderr[-4000:]
     assert max_diff(weights(zero / "final"), weights(tiny_sd_dir)) > 1e-4
-    assert max_diff(weights(zero / "final"), weights(ddp / "final")) < 1e-5
+    assert max_diff(weights(zero / "final"), weights(ddp_accumulating / "final")) < 1e-5
 
     shutil.copytree(zero, resumed)
     for p in ("final", "final.safetensors", "train_summary.json", "checkpoints/step-00000004"):
         shutil.rmtree(resumed / p) if (resumed / p).is_dir() else (resumed / p).unlink()
-    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache", **ds_args),
+    proc = run_engine(engine, recipe_args(tiny_sd_dir, data, resumed, tmp_path / "cache", **DS_ARGS),
                       ("--resume", "latest"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "resumed from" in proc.stderr and "step-00000002" in proc.stderr
     assert max_diff(weights(zero / "final"), weights(resumed / "final")) == 0.0
 
-    # bf16: the engine casts the UNet itself and autocasts nothing, so the loop feeds it bf16 inputs
+    # bf16 LoRA: the engine casts the UNet itself and autocasts nothing, so the loop feeds it bf16 inputs;
+    # under ZeRO-3 the frozen base weights are partitioned too and the export gathers them
     bf16 = tmp_path / "bf16"
-    proc = run_engine("zero2", recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **ds_args, **{
+    proc = run_engine(engine, recipe_args(tiny_sd_dir, data, bf16, tmp_path / "cache", **DS_ARGS, **{
         "lora.enabled": True, "train.mixed_precision": "bf16", "train.max_steps": 2, "validation.every_steps": 0,
         "checkpoint.every_steps": 0}))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(t.dtype == torch.float32 for t in weights(bf16 / "final").values())
-    assert (bf16 / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert max(t.abs().max().item() for k, t in lora_weights(bf16).items() if "lora.up" in k) > 0

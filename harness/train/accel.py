@@ -1,9 +1,10 @@
 """The Accelerator a run trains with, and which of accelerate's distributed modes harness.train supports:
-DDP, FSDP2 (sharded parameters: see :func:`is_sharded`), DeepSpeed ZeRO stages 1-2 (sharded optimizer
-state and gradients: see :func:`configure_deepspeed`); not ZeRO-3 or Megatron."""
+DDP, FSDP2 and DeepSpeed ZeRO-3 (sharded parameters: see :func:`is_sharded`), DeepSpeed ZeRO 1-2
+(sharded optimizer state and gradients: see :func:`configure_deepspeed`); not Megatron."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -50,7 +51,7 @@ def check_distributed_type(distributed_type, fsdp_version: int | None = None, en
     kind = str(getattr(distributed_type, "value", distributed_type)).upper()
     if kind == "MEGATRON_LM":
         raise ConfigError("accelerate config: distributed_type MEGATRON_LM is not supported by harness.train; use "
-                          "FSDP (fsdp_version: 2), DeepSpeed (ZeRO stage 1-2) or DDP")
+                          "FSDP (fsdp_version: 2), DeepSpeed or DDP")
     if kind == "FSDP" and fsdp_version != 2:
         raise ConfigError(f"accelerate config: fsdp_version {fsdp_version} is not supported by harness.train; "
                           f"set fsdp_version: 2 (per-parameter sharding, which LoRA's frozen base weights need)")
@@ -72,9 +73,12 @@ def _forget_other_precision(mixed_precision: str) -> None:
 
 
 def is_sharded(acc) -> bool:
-    """FSDP2: each process holds a shard of every trained parameter, so anything that runs the model or
-    reads its weights (validation, export, EMA, the best weights) runs on every process."""
-    return acc.distributed_type == "FSDP"
+    """FSDP2 and ZeRO-3: each process holds a shard of every trained parameter, so anything that runs the
+    model or reads its weights (validation, export, EMA, the best weights) runs on every process."""
+    if acc.distributed_type == "FSDP":
+        return True
+    return is_deepspeed(acc) and int(acc.state.deepspeed_plugin.deepspeed_config.get(
+        "zero_optimization", {}).get("stage", 0)) == 3
 
 
 def is_deepspeed(acc) -> bool:
@@ -95,11 +99,6 @@ def configure_deepspeed(acc, recipe: Recipe) -> None:
     """Check the DeepSpeed config and fill its batch settings from the recipe, before any long work."""
     plugin = acc.state.deepspeed_plugin
     cfg = plugin.deepspeed_config
-    stage = int(cfg.get("zero_optimization", {}).get("stage", 0))
-    if stage >= 3:
-        raise ConfigError(f"DeepSpeed config: zero_optimization.stage = {stage} is not supported by harness.train "
-                          f"(validation, EMA and export read whole parameters); use stage 1 or 2, or FSDP "
-                          f"(fsdp_version: 2) to shard parameters")
     for section, key in (("optimizer", "train.optimizer"), ("scheduler", "train.lr_scheduler")):
         if section in cfg:
             raise ConfigError(f"DeepSpeed config: has an '{section}' section; harness.train builds the {section} "
@@ -116,3 +115,43 @@ def configure_deepspeed(acc, recipe: Recipe) -> None:
                         DEEPSPEED_FROM_RECIPE[key], value)
         cfg[key] = value
     acc.gradient_accumulation_steps = t.grad_accum
+
+
+def full_state(acc, module: torch.nn.Module) -> dict | None:
+    """The whole state dict of a sharded module, on the main process (None elsewhere); called on every
+    process, since gathering the shards takes all of them."""
+    if acc.distributed_type == "FSDP":
+        state = acc.get_state_dict(module)
+        return state if acc.is_main_process else None
+    import deepspeed
+
+    # ZeRO-3: gather the partitions in place for the copy (accelerate's own gather wants the engine and a
+    # config flag that would also change what the engine's checkpoints hold). Small parameters stay whole
+    # on every process ("persistent") and a gather would read those copies as they are, not the
+    # partitions that EMA or the best weights were just written into: release them first.
+    params = list(module.parameters())
+    params[0].partition(param_list=params)  # touches only the whole ones
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if not acc.is_main_process:
+            return None
+        return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+@contextlib.contextmanager
+def no_zero3_init(acc):
+    """A context in which loaded models stay whole: with a ZeRO-3 config active, transformers builds the
+    models it loads already partitioned (zero.Init), but only the trained UNet is the engine's to
+    partition; the frozen VAE and text encoder (and the export copy) must stay whole on every process.
+    (accelerate's ``zero3_init_context_manager(enable=False)`` re-registers the same ZeRO-3 config.)"""
+    if not is_deepspeed(acc):
+        yield
+        return
+    from transformers.integrations import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        registered = getattr(acc.state.deepspeed_plugin, "dschf", None)
+        if registered is not None:
+            set_hf_deepspeed_config(registered)

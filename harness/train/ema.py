@@ -18,15 +18,19 @@ def ema_decay(step: int, max_decay: float, update_after_step: int = 0) -> float:
 
 
 def local_shard(t: torch.Tensor) -> torch.Tensor:
-    """What this process holds of a tensor: the local shard of a sharded (FSDP2 ``DTensor``) parameter,
-    the tensor itself otherwise. Detached; writing into it writes into the parameter."""
+    """What this process holds of a tensor: the local shard of a sharded parameter (FSDP2's ``DTensor``,
+    DeepSpeed ZeRO-3's flat ``ds_tensor`` partition), the tensor itself otherwise. Detached; writing into
+    it writes into the parameter."""
+    partition = getattr(t, "ds_tensor", None)  # read before detach(), which drops the attribute
+    if partition is not None:
+        return partition.detach()
     t = t.detach()
     return t.to_local() if hasattr(t, "to_local") else t
 
 
 class EMA:
-    """Shadow copies of named parameters; ``update`` after each optimizer step. Under FSDP2 each
-    process averages (and saves) only its own shard of every parameter."""
+    """Shadow copies of named parameters; ``update`` after each optimizer step. Under FSDP2 and ZeRO-3
+    each process averages (and saves) only its own shard of every parameter."""
 
     def __init__(self, named_params: Iterable[tuple[str, torch.nn.Parameter]], decay: float = 0.9999,
                  update_after_step: int = 0):

@@ -33,7 +33,7 @@ from harness.io import append_jsonl, atomic_write_json, atomic_write_text
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
-from harness.train.accel import build_accelerator, is_deepspeed, is_sharded
+from harness.train.accel import build_accelerator, full_state, is_deepspeed, is_sharded, no_zero3_init
 from harness.train.cache import (
     LatentCache,
     TextCache,
@@ -458,7 +458,8 @@ def train(recipe: Recipe, *, resume: str | None = None, scorers: dict[str, Score
     acc = build_accelerator(recipe, run_dir)
     data = build_data(recipe, acc.num_processes, acc.process_index)
     set_seed(recipe.train.seed)
-    models = build_models(recipe, acc.device)
+    with no_zero3_init(acc):
+        models = build_models(recipe, acc.device)
     stages = recipe.resolved_stages()
     for s in stages:
         try:
@@ -507,8 +508,9 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     shard_rank = acc.process_index if sharded else None
     if is_deepspeed(acc) and models.weight_dtype != torch.float32:
         models.input_dtype = models.weight_dtype
-    validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers, main=acc.is_main_process) \
-        if acc.is_main_process or sharded else None
+    with no_zero3_init(acc):  # the main process alone loads the scorers' models
+        validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers,
+                              main=acc.is_main_process) if acc.is_main_process or sharded else None
     params = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params)
     if train_text:
@@ -620,7 +622,8 @@ def _end_stage(recipe, acc, state, stages, models, raw_unet, raw_te, run_dir, sa
     if len(stages) > 1 and not last_stage:
         unet, te = whole_models(recipe, acc, models, raw_unet, raw_te)
         if acc.is_main_process:
-            _export(recipe, models, unet, te, run_dir / "stages" / stages[si].name, single_file=False)
+            with no_zero3_init(acc):  # the export loads models on this process alone
+                _export(recipe, models, unet, te, run_dir / "stages" / stages[si].name, single_file=False)
     acc.wait_for_everyone()
 
 
@@ -695,16 +698,17 @@ def _export(recipe: Recipe, models: Models, raw_unet, raw_te, out_dir: Path, sin
 
 def whole_models(recipe: Recipe, acc, models: Models, raw_unet, raw_te):
     """The trained UNet and text encoder with all their weights, on the main process (called on every
-    process). Unsharded runs already hold them; under FSDP2 the full state is gathered from the shards
-    and loaded into a fresh unsharded copy of the base model (with the LoRA layers, for LoRA runs)."""
+    process). Unsharded runs already hold them; under FSDP2 / ZeRO-3 the full state is gathered from the
+    shards and loaded into a fresh unsharded copy of the base model (with the LoRA layers, for LoRA runs)."""
     if not is_sharded(acc):
         return raw_unet, raw_te
-    unet_state = acc.get_state_dict(raw_unet)
+    unet_state = full_state(acc, raw_unet)
     te_trained = any(p.requires_grad for p in raw_te.parameters())
-    te_state = acc.get_state_dict(raw_te) if te_trained else None
+    te_state = full_state(acc, raw_te) if te_trained else None
     if not acc.is_main_process:
         return None, None
-    pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
+    with no_zero3_init(acc):
+        pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
     if recipe.lora.enabled:
         add_lora(pipe.unet, pipe.text_encoder, recipe)
     pipe.unet.load_state_dict(unet_state)
@@ -778,7 +782,8 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
         if models.weight_dtype != torch.float32:
             for m in (models.pipe.vae, models.text_encoder, unet, te):
                 m.to(torch.float32)
-        _export(recipe, models, unet, te, final, single_file=recipe.checkpoint.single_file)
+        with no_zero3_init(acc):  # the export loads models (LoRA merge) on this process alone
+            _export(recipe, models, unet, te, final, single_file=recipe.checkpoint.single_file)
         stopper = validator.stopper if validator is not None else None
         atomic_write_json(run_dir / "train_summary.json", {
             "final": str(final), "steps": state["step"], "epochs_started": state["epoch"], "stopped": reason,
