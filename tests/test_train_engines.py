@@ -6,6 +6,7 @@ torch's and DeepSpeed's."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 
@@ -169,3 +170,17 @@ def test_deepspeed_accumulates_clips_resumes_exactly_and_matches_ddp(engine, tin
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert all(t.dtype == torch.float32 for t in weights(bf16 / "final").values())
     assert max(t.abs().max().item() for k, t in lora_weights(bf16).items() if "lora.up" in k) > 0
+
+
+def test_fsdp2_early_stopping_exports_the_best_steps_weights_from_every_shard(tiny_sd_dir, data, tmp_path):
+    # drift from the base model's samples is 0 at step 0 and grows: the best (min) is step 0, so training
+    # stops at the next validation and final/ must be the base weights exactly, put back shard by shard
+    out = tmp_path / "run"
+    proc = run_engine("fsdp2", recipe_args(tiny_sd_dir, data, out, tmp_path / "cache", **{
+        "validation.eval_metrics": "['drift']", "validation.early_stopping_metric": "eval/drift",
+        "validation.early_stopping_patience": 1, "checkpoint.every_steps": 0}))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert {p.name for p in out.glob("best*")} == {"best.rank-000.safetensors", "best.rank-001.safetensors"}
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert (summary["stopped"], summary["steps"], summary["final_weights_step"]) == ("early_stopping", 2, 0)
+    assert max_diff(weights(out / "final"), weights(tiny_sd_dir)) == 0.0

@@ -155,3 +155,16 @@ def no_zero3_init(acc):
         registered = getattr(acc.state.deepspeed_plugin, "dschf", None)
         if registered is not None:
             set_hf_deepspeed_config(registered)
+
+
+def reshard(acc, *modules: torch.nn.Module) -> None:
+    """Put FSDP2 modules back into their sharded state. A no-grad forward (validation, sampling) leaves the
+    root module's parameters whole, and EMA and the best weights are kept per shard."""
+    if acc.distributed_type != "FSDP":
+        return
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in modules:
+        for m in module.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()

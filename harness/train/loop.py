@@ -33,7 +33,14 @@ from harness.io import append_jsonl, atomic_write_json, atomic_write_text
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
-from harness.train.accel import build_accelerator, full_state, is_deepspeed, is_sharded, no_zero3_init
+from harness.train.accel import (
+    build_accelerator,
+    full_state,
+    is_deepspeed,
+    is_sharded,
+    no_zero3_init,
+    reshard,
+)
 from harness.train.cache import (
     LatentCache,
     TextCache,
@@ -550,6 +557,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
         stop_now, best_now = False, False
         if validator is not None:
             results = validator.run(state["step"], raw_unet, raw_te)
+            reshard(acc, raw_unet, raw_te)
             if acc.is_main_process:
                 if results:
                     metrics.write(state["step"], results)
