@@ -44,9 +44,9 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
 
 
 def check_distributed_type(distributed_type, fsdp_version: int | None = None, env: dict | None = None) -> None:
-    """FSDP2 shards; DeepSpeed and Megatron are refused up front, and so is a launch config asking for
-    sharding that accelerate quietly dropped (it shards only on accelerators: on CPUs ``--use_fsdp``
-    gives plain processes that each hold everything)."""
+    """FSDP1 and Megatron are refused up front, and so is a launch config asking for sharding that
+    accelerate quietly dropped (it shards only on accelerators: on CPUs ``--use_fsdp`` gives plain
+    processes that each hold everything)."""
     env = os.environ if env is None else env
     kind = str(getattr(distributed_type, "value", distributed_type)).upper()
     if kind == "MEGATRON_LM":
@@ -81,18 +81,16 @@ def is_sharded(acc) -> bool:
         "zero_optimization", {}).get("stage", 0)) == 3
 
 
+def shard_rank(acc) -> int | None:
+    """This process's index when parameters are sharded (it names the process's EMA / best-weights
+    files), None otherwise."""
+    return acc.process_index if is_sharded(acc) else None
+
+
 def is_deepspeed(acc) -> bool:
     """DeepSpeed's engine steps the optimizer inside ``backward`` at the accumulation boundary it is told of,
     scales the loss by the accumulation itself and clips by its config."""
     return acc.distributed_type == "DEEPSPEED"
-
-
-# the recipe key each DeepSpeed batch setting comes from (harness prepares no dataloader, so accelerate
-# cannot infer them, and the recipe is where a run's batch, accumulation and clipping are set)
-DEEPSPEED_FROM_RECIPE = {"train_micro_batch_size_per_gpu": "train.batch_size",
-                         "gradient_accumulation_steps": "train.grad_accum",
-                         "gradient_clipping": "train.max_grad_norm",
-                         "train_batch_size": "train.batch_size x train.grad_accum x processes"}
 
 
 def configure_deepspeed(acc, recipe: Recipe) -> None:
@@ -104,15 +102,18 @@ def configure_deepspeed(acc, recipe: Recipe) -> None:
             raise ConfigError(f"DeepSpeed config: has an '{section}' section; harness.train builds the {section} "
                               f"from the recipe ({key}): remove it")
     t = recipe.train
-    want = {"train_micro_batch_size_per_gpu": t.batch_size, "gradient_accumulation_steps": t.grad_accum,
-            "gradient_clipping": float(t.max_grad_norm or 0.0),
-            "train_batch_size": t.batch_size * t.grad_accum * acc.num_processes}
-    for key, value in want.items():
+    # (config key, value, the recipe key it comes from): harness prepares no dataloader, so accelerate
+    # cannot infer them, and the recipe is where a run's batch, accumulation and clipping are set
+    from_recipe = (("train_micro_batch_size_per_gpu", t.batch_size, "train.batch_size"),
+                   ("gradient_accumulation_steps", t.grad_accum, "train.grad_accum"),
+                   ("gradient_clipping", float(t.max_grad_norm or 0.0), "train.max_grad_norm"),
+                   ("train_batch_size", t.batch_size * t.grad_accum * acc.num_processes,
+                    "train.batch_size x train.grad_accum x processes"))
+    for key, value, source in from_recipe:
         have = cfg.get(key, "auto")
         if have != "auto" and float(have) != float(value) and acc.is_main_process:
             # accelerate's own config writes gradient_accumulation_steps: 1 whatever the run needs
-            log.warning("DeepSpeed config %s = %s replaced by the recipe's %s (%s)", key, have,
-                        DEEPSPEED_FROM_RECIPE[key], value)
+            log.warning("DeepSpeed config %s = %s replaced by the recipe's %s (%s)", key, have, source, value)
         cfg[key] = value
     acc.gradient_accumulation_steps = t.grad_accum
 
@@ -141,7 +142,8 @@ def full_state(acc, module: torch.nn.Module) -> dict | None:
 def no_zero3_init(acc):
     """A context in which loaded models stay whole: with a ZeRO-3 config active, transformers builds the
     models it loads already partitioned (zero.Init), but only the trained UNet is the engine's to
-    partition; the frozen VAE and text encoder (and the export copy) must stay whole on every process.
+    partition; the frozen VAE and text encoder, the scorers and the export copies (some loaded on the
+    main process alone) must stay whole. The whole run holds it.
     (accelerate's ``zero3_init_context_manager(enable=False)`` re-registers the same ZeRO-3 config.)"""
     if not is_deepspeed(acc):
         yield

@@ -2,7 +2,7 @@
 
 A checkpoint is ``RUN/checkpoints/step-NNNNNNNN/`` holding accelerate's state (model, optimizer, RNG of
 every rank; under DeepSpeed its engine's files), ``lr_scheduler.pt``, ``ema.safetensors`` (when EMA
-is on; ``ema.rank-NNN.safetensors`` per process under FSDP2), ``trainer_state.json`` (step,
+is on; ``ema.rank-NNN.safetensors`` per process when parameters are sharded), ``trainer_state.json`` (step,
 epoch, stage, data position, model fingerprint) and, written last, ``manifest.json`` with the sha256
 of every file. The folder is built under a ``.tmp-*`` name and renamed only when complete, so a kill
 never leaves a half-written folder under a name ``--resume latest`` would pick; a folder whose files
@@ -36,7 +36,7 @@ _NAME = re.compile(r"^step-(\d{8})$")
 
 def shard_file(name: str, rank: int | None) -> str:
     """``ema.safetensors`` / ``best.safetensors`` of an unsharded run; ``ema.rank-001.safetensors`` for
-    each process's shard under FSDP2 (``rank`` given)."""
+    each process's shard when parameters are sharded (``rank`` given)."""
     stem, ext = name.split(".", 1)
     return name if rank is None else f"{stem}.rank-{rank:03d}.{ext}"
 
@@ -113,7 +113,7 @@ def find_resume(run_dir: str | Path, resume: str) -> Path | None:
 
 def save_checkpoint(accelerator, run_dir: str | Path, state: dict, lr_scheduler, ema=None,
                     keep_last: int = 3, shard_rank: int | None = None) -> Path:
-    """Called on every rank (each saves its RNG state, and under FSDP2 its EMA shard: ``shard_rank``);
+    """Called on every rank (each saves its RNG state, and with sharded parameters its EMA shard: ``shard_rank``);
     the main rank publishes the folder."""
     from accelerate.utils import broadcast_object_list
 
@@ -174,7 +174,7 @@ BEST = "best.safetensors"
 
 def save_best(run_dir: str | Path, step: int, named_params, ema=None, shard_rank: int | None = None) -> Path:
     """The trainable weights (and EMA shadow) of the best validation so far, written atomically as
-    ``RUN/best.safetensors`` (one file per process's shards under FSDP2) so early stopping can export
+    ``RUN/best.safetensors`` (one file per process's shards when parameters are sharded) so early stopping can export
     them instead of the weights at the stop."""
     from safetensors.torch import save
 

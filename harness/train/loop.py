@@ -40,6 +40,7 @@ from harness.train.accel import (
     is_sharded,
     no_zero3_init,
     reshard,
+    shard_rank,
 )
 from harness.train.cache import (
     LatentCache,
@@ -172,7 +173,7 @@ def add_lora(unet, text_encoder, recipe: Recipe) -> None:
 
 def fingerprint(models: Models, recipe: Recipe, shards: int | None = None, engine: str | None = None) -> dict:
     """What a checkpoint must share with this run to be resumable into it (under FSDP2, the number of
-    processes: each holds its own EMA shard; under DeepSpeed, the engine: its checkpoints are its own)."""
+    processes when parameters are sharded: each holds its own EMA shard; under DeepSpeed, the engine: its checkpoints are its own)."""
     def digest(obj) -> str:
         return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -352,8 +353,8 @@ def stage_totals(stages: list[StageCfg], steps_per_epoch: int, max_steps: int | 
 # ---------------------------------------------------------------- validation
 
 class Validator:
-    """Validation loss on held-out items, fixed-seed samples and scorers. Runs on the main process; under
-    FSDP2 on every process (each forward gathers the shards from all of them), with only the main
+    """Validation loss on held-out items, fixed-seed samples and scorers. Runs on the main process; with
+    sharded parameters (FSDP2, ZeRO-3) on every process (each forward gathers the shards from all of them), with only the main
     process writing samples and scoring them."""
 
     def __init__(self, recipe: Recipe, models: Models, data: Data, latent_cache, text_fn, run_dir: Path,
@@ -466,7 +467,11 @@ def train(recipe: Recipe, *, resume: str | None = None, scorers: dict[str, Score
     data = build_data(recipe, acc.num_processes, acc.process_index)
     set_seed(recipe.train.seed)
     with no_zero3_init(acc):
-        models = build_models(recipe, acc.device)
+        return _train(recipe, acc, data, run_dir, resume, scorers)
+
+
+def _train(recipe: Recipe, acc, data: Data, run_dir: Path, resume, scorers) -> Path:
+    models = build_models(recipe, acc.device)
     stages = recipe.resolved_stages()
     for s in stages:
         try:
@@ -511,13 +516,11 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
         with torch.no_grad():
             return encode_text(models.text_encoder, models.pipe.tokenizer, captions)
 
-    sharded = is_sharded(acc)
-    shard_rank = acc.process_index if sharded else None
+    sharded, rank = is_sharded(acc), shard_rank(acc)
     if is_deepspeed(acc) and models.weight_dtype != torch.float32:
         models.input_dtype = models.weight_dtype
-    with no_zero3_init(acc):  # the main process alone loads the scorers' models
-        validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers,
-                              main=acc.is_main_process) if acc.is_main_process or sharded else None
+    validator = Validator(recipe, models, data, latent_cache, text_fn, run_dir, scorers,
+                          main=acc.is_main_process) if acc.is_main_process or sharded else None
     params = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
     optimizer = build_optimizer(recipe, params)
     if train_text:
@@ -532,7 +535,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
     state = {"step": 0, "stage": 0, "stage_step": 0, "epoch": 0, "step_in_epoch": 0, "early_stopping": {},
              "fingerprint": fp}
     if resume_path is not None:
-        state = ckpt.load_checkpoint(acc, resume_path, fp, ema, shard_rank)
+        state = ckpt.load_checkpoint(acc, resume_path, fp, ema, rank)
     metrics = MetricsLog(acc, run_dir)
     metrics.truncate_after(state["step"])
     if validator is not None:
@@ -549,7 +552,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
         if validator is not None:
             state["early_stopping"] = validator.stopper.state()
         last_ckpt[0] = ckpt.save_checkpoint(acc, run_dir, dict(state), lr_scheduler, ema, recipe.checkpoint.keep_last,
-                                            shard_rank)
+                                            rank)
 
     def validate() -> bool:
         from accelerate.utils import broadcast_object_list
@@ -567,7 +570,7 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
                 best_now = keep_best and validator.stopper.best_step == state["step"]
         stop_now, best_now = broadcast_object_list([stop_now, best_now])
         if best_now and (acc.is_main_process or sharded):
-            ckpt.save_best(run_dir, state["step"], named(), ema, shard_rank)
+            ckpt.save_best(run_dir, state["step"], named(), ema, rank)
         return stop_now
 
     from tqdm.auto import tqdm
@@ -630,8 +633,7 @@ def _end_stage(recipe, acc, state, stages, models, raw_unet, raw_te, run_dir, sa
     if len(stages) > 1 and not last_stage:
         unet, te = whole_models(recipe, acc, models, raw_unet, raw_te)
         if acc.is_main_process:
-            with no_zero3_init(acc):  # the export loads models on this process alone
-                _export(recipe, models, unet, te, run_dir / "stages" / stages[si].name, single_file=False)
+            _export(recipe, models, unet, te, run_dir / "stages" / stages[si].name, single_file=False)
     acc.wait_for_everyone()
 
 
@@ -715,8 +717,7 @@ def whole_models(recipe: Recipe, acc, models: Models, raw_unet, raw_te):
     te_state = full_state(acc, raw_te) if te_trained else None
     if not acc.is_main_process:
         return None, None
-    with no_zero3_init(acc):
-        pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
+    pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
     if recipe.lora.enabled:
         add_lora(pipe.unet, pipe.text_encoder, recipe)
     pipe.unet.load_state_dict(unet_state)
@@ -738,24 +739,24 @@ def keeps_best(recipe: Recipe) -> bool:
     return recipe.validation.restore_best and recipe.validation.early_stopping_patience is not None
 
 
-def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema, shard_rank) -> int:
+def _restore_best(recipe, run_dir: Path, state, validator, raw_unet, raw_te, ema, rank) -> int:
     """The step whose weights final/ gets: the best validation's when early stopping keeps them. The
     main process decides; under FSDP2 every process loads its own shards."""
     best = validator.stopper.best_step if validator is not None and validator.main else None
     if not keeps_best(recipe) or best is None or best == state["step"]:
         return state["step"]
-    on_disk = ckpt.best_step(run_dir, shard_rank)
+    on_disk = ckpt.best_step(run_dir, rank)
     if on_disk != best:  # e.g. a resume discarded the steps that wrote it
         log.warning("%s holds step %s, not the best validation's step %d: final/ gets the last step's weights",
-                    run_dir / ckpt.shard_file(ckpt.BEST, shard_rank), on_disk, best)
+                    run_dir / ckpt.shard_file(ckpt.BEST, rank), on_disk, best)
         return state["step"]
     return best
 
 
-def _load_best(recipe, run_dir, state, best: int, validator, raw_unet, raw_te, ema, shard_rank) -> None:
+def _load_best(recipe, run_dir, state, best: int, validator, raw_unet, raw_te, ema, rank) -> None:
     if best == state["step"]:
         return
-    ckpt.load_best(run_dir, named_parameters(raw_unet, raw_te), ema, shard_rank)
+    ckpt.load_best(run_dir, named_parameters(raw_unet, raw_te), ema, rank)
     if validator is None or not validator.main:
         return
     log.info("final/ gets the weights of step %d (best %s %.4g), not of step %d where training stopped; "
@@ -767,19 +768,18 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
     from accelerate.utils import broadcast_object_list
 
     acc.wait_for_everyone()
-    sharded = is_sharded(acc)
-    shard_rank = acc.process_index if sharded else None
+    sharded, rank = is_sharded(acc), shard_rank(acc)
     if recipe.logging.data_order and not sharded:  # what each rank holds: ranks must agree with final/
         append_jsonl(run_dir / "data_order" / f"rank-{acc.process_index}.jsonl",
                      {"step": state["step"], "unet_sha256": module_hash(raw_unet)})
     final = run_dir / "final"
     final_step = state["step"]
     if acc.is_main_process:
-        final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema, shard_rank)
+        final_step = _restore_best(recipe, run_dir, state, validator, raw_unet, raw_te, ema, rank)
     if sharded:
         final_step = broadcast_object_list([final_step])[0]
     if acc.is_main_process or sharded:
-        _load_best(recipe, run_dir, state, final_step, validator, raw_unet, raw_te, ema, shard_rank)
+        _load_best(recipe, run_dir, state, final_step, validator, raw_unet, raw_te, ema, rank)
         if ema is not None and recipe.ema.use_for_final:
             ema.copy_to(named_parameters(raw_unet, raw_te))
     unet, te = whole_models(recipe, acc, models, raw_unet, raw_te)
@@ -790,8 +790,7 @@ def _finish(recipe, acc, models, raw_unet, raw_te, ema, run_dir: Path, state, re
         if models.weight_dtype != torch.float32:
             for m in (models.pipe.vae, models.text_encoder, unet, te):
                 m.to(torch.float32)
-        with no_zero3_init(acc):  # the export loads models (LoRA merge) on this process alone
-            _export(recipe, models, unet, te, final, single_file=recipe.checkpoint.single_file)
+        _export(recipe, models, unet, te, final, single_file=recipe.checkpoint.single_file)
         stopper = validator.stopper if validator is not None else None
         atomic_write_json(run_dir / "train_summary.json", {
             "final": str(final), "steps": state["step"], "epochs_started": state["epoch"], "stopped": reason,
