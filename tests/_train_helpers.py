@@ -93,3 +93,27 @@ def accelerate_cmd(num_processes: int = 1) -> list[str]:
 def run_launch(args: list[str], num_processes: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
     return subprocess.run([*accelerate_cmd(num_processes), *map(str, args)], env=launch_env(), cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def fp16_on_cpu(monkeypatch, **scaler_kwargs) -> None:
+    """accelerate's fp16 set-up of a GPU run (native fp16 autocast and a GradScaler), on the CPU.
+
+    accelerate makes the scaler only on accelerators; torch's CPU autocast and ``GradScaler("cpu")`` run
+    fp16 and loss scaling on the CPU. The Accelerator harness.train builds gets them exactly where
+    accelerate would have put them on a GPU (``native_amp``, ``scaler``), so everything after that (the
+    autocast wrapped around the prepared model's forward, ``backward`` scaling the loss, unscaling before
+    clipping, skipping an overflowed step, the scaler in ``save_state``/``load_state``) is accelerate's
+    and torch's own code. ``scaler_kwargs`` go to the GradScaler (init_scale, backoff_factor, ...)."""
+    import accelerate
+    import torch
+
+    base = accelerate.Accelerator
+
+    class FP16OnCPU(base):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.mixed_precision == "fp16" and self.scaler is None:
+                self.native_amp = True
+                self.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+
+    monkeypatch.setattr(accelerate, "Accelerator", FP16OnCPU)

@@ -1,5 +1,6 @@
 """bf16 mixed precision on the CPU (accelerate supports it there): two steps of the tiny-cpu recipe run,
-the loss is finite, and the exported weights are fp32 and load in plain diffusers. fp16 needs a GPU."""
+the loss is finite, and the exported weights are fp32 and load in plain diffusers. fp16 needs a GPU for
+users (accelerate gives no loss scaling on the CPU); tests/test_train_fp16.py runs its code path here."""
 
 from __future__ import annotations
 

@@ -23,15 +23,11 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
     from accelerate.utils import ProjectConfiguration
 
     cpu = recipe.train.cpu or not torch.cuda.is_available()
-    if cpu and recipe.train.mixed_precision == "fp16":
-        # accelerate silently drops fp16 autocast and loss scaling on the CPU; the frozen parts would still
-        # be cast to fp16 and the run would be neither fp16 training nor correct fp32 training.
-        raise ConfigError("key 'train.mixed_precision' = 'fp16': needs a GPU (fp16 autocast and loss scaling "
-                          "do not run on the CPU); use bf16 or no here")
     trackers = available_trackers(list(recipe.logging.trackers))
     _forget_other_precision(recipe.train.mixed_precision)
     acc = Accelerator(cpu=cpu, mixed_precision=recipe.train.mixed_precision, log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")))
+    check_loss_scaling(acc)
     plugin = getattr(acc.state, "fsdp_plugin", None) if acc.distributed_type == "FSDP" else None
     check_distributed_type(acc.distributed_type, getattr(plugin, "fsdp_version", None))
     if (is_sharded(acc) or is_deepspeed(acc)) and recipe.lora.text_encoder:
@@ -41,6 +37,17 @@ def build_accelerator(recipe: Recipe, run_dir: Path):
     if is_deepspeed(acc):
         configure_deepspeed(acc, recipe)
     return acc
+
+
+def check_loss_scaling(acc) -> None:
+    """fp16 trains only with a gradient scaler (or DeepSpeed's own loss scaling). accelerate makes one
+    only on accelerators: on the CPU it silently drops fp16 autocast and loss scaling while the frozen
+    parts would still be cast to fp16, a run that is neither fp16 training nor correct fp32 training.
+    Checked on what accelerate set up, not on a guess of the device."""
+    if acc.mixed_precision == "fp16" and acc.scaler is None and not is_deepspeed(acc):
+        raise ConfigError(f"key 'train.mixed_precision' = 'fp16': needs a GPU (accelerate runs fp16 autocast "
+                          f"and loss scaling only on accelerators, and this run is on {acc.device.type!r}); "
+                          f"use bf16 or no here")
 
 
 def check_distributed_type(distributed_type, fsdp_version: int | None = None, env: dict | None = None) -> None:

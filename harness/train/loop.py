@@ -595,9 +595,10 @@ def _run(recipe, acc, models: Models, data: Data, stages, run_dir: Path, resume_
                 loss = _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage, state,
                                        last_ckpt[0], train_text, timer)
                 lr_now = lr_scheduler.get_last_lr()[0]
-                lr_scheduler.step()
-                if ema is not None:
-                    ema.update(named())
+                if step_applied(acc, optimizer, state, last_ckpt[0], recipe):
+                    lr_scheduler.step()
+                    if ema is not None:
+                        ema.update(named())
                 state["step"] += 1
                 state["stage_step"] += 1
                 state["step_in_epoch"] += 1
@@ -671,10 +672,49 @@ def _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage,
 def _check_finite(acc, loss: torch.Tensor, step: int, last_good, recipe: Recipe) -> None:
     bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=acc.device)
     if acc.reduce(bad, reduction="sum").item() > 0:
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint had been written yet"
         raise TrainingDiverged(f"step {step + 1}: training loss is {loss.item()} (not finite); stopped before "
-                               f"applying it, {where}; lower train.lr (now {recipe.train.lr}) or use "
-                               f"mixed_precision=no/bf16 and resume with --resume latest")
+                               f"applying it, {_what_to_do(last_good, recipe)}")
+
+
+def _what_to_do(last_good, recipe: Recipe) -> str:
+    where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint had been written yet"
+    return (f"{where}; lower train.lr (now {recipe.train.lr}) or use mixed_precision=no/bf16 and resume with "
+            f"--resume latest")
+
+
+# Each skipped fp16 step halves the loss scale, so this many in a row is a fall of 2**20 from wherever it
+# stood: gradients that overflow at every one of those scales are not finite at any, the run has diverged.
+MAX_SKIPPED_IN_ROW = 20
+
+
+def step_applied(acc, optimizer, state: dict, last_good, recipe: Recipe) -> bool:
+    """Whether the optimizer step just taken changed the weights. fp16 loss scaling (accelerate's
+    GradScaler, or DeepSpeed's) skips a step whose gradients overflowed and lowers the scale; the LR
+    schedule and EMA then stay where they are, as accelerate's own prepared scheduler does. The skips
+    are counted in the trainer state (so a resume continues the count) and logged."""
+    if not getattr(optimizer, "step_was_skipped", False):
+        state["skipped_in_row"] = 0
+        return True
+    state["skipped_steps"] = state.get("skipped_steps", 0) + 1
+    state["skipped_in_row"] = state.get("skipped_in_row", 0) + 1
+    if state["skipped_in_row"] >= MAX_SKIPPED_IN_ROW:
+        scale = f" (loss scale now {acc.scaler.get_scale():g})" if acc.scaler is not None else ""
+        raise TrainingDiverged(f"step {state['step'] + 1}: the last {state['skipped_in_row']} optimizer steps were "
+                               f"all skipped because the fp16 gradients overflowed{scale}; the weights are those "
+                               f"of step {state['step'] + 1 - state['skipped_in_row']}; stopped, "
+                               f"{_what_to_do(last_good, recipe)}")
+    return False
+
+
+def loss_scale_stats(acc, state: dict) -> dict:
+    """The fp16 loss scale and how many steps it skipped so far: a scale that keeps falling is a run
+    heading for overflow."""
+    if acc.scaler is None and not state.get("skipped_steps"):
+        return {}
+    out = {"skipped_steps": state.get("skipped_steps", 0)}
+    if acc.scaler is not None:
+        out["loss_scale"] = float(acc.scaler.get_scale())
+    return out
 
 
 def _log_step(recipe, acc, metrics: MetricsLog, state, window: list, loss: float, lr: float, stage,
@@ -687,7 +727,8 @@ def _log_step(recipe, acc, metrics: MetricsLog, state, window: list, loss: float
     mean = acc.reduce(torch.tensor([window[2] / window[1]], device=acc.device), reduction="mean").item()
     images = window[1] * recipe.train.batch_size * recipe.train.grad_accum * acc.num_processes
     values = {"loss": mean, "lr": lr, "epoch": state["epoch"], "stage": stage.name,
-              "images_per_s": images / max(now - window[0], 1e-9), **memory_stats(acc.device), **timer.pop()}
+              "images_per_s": images / max(now - window[0], 1e-9), **loss_scale_stats(acc, state),
+              **memory_stats(acc.device), **timer.pop()}
     metrics.write(state["step"], values)
     window[:] = [time.perf_counter(), 0, 0.0]
 
