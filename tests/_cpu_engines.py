@@ -1,6 +1,10 @@
 """``python -m accelerate.commands.launch --multi_gpu --num_processes 2 tests/_cpu_engines.py ENGINE RECIPE ...``:
 harness.train under accelerate's FSDP2 (``fsdp2``) or DeepSpeed ZeRO (``zero1``, ``zero2``, ``zero3``)
-on CPU processes (gloo).
+on CPU processes (gloo); ``ddp`` leaves accelerate's DDP as it is.
+
+With ``train.mixed_precision=fp16`` and ``HARNESS_TEST_FP16_SCALER`` set (JSON: the GradScaler's keyword
+arguments), the run also gets accelerate's fp16 set-up of a GPU (native autocast and a GradScaler), on the
+CPU, as ``_train_helpers.fp16_on_cpu`` gives an in-process run.
 
 accelerate sets these up only on accelerators: on a CPU-only machine ``--use_fsdp`` quietly gives
 unsharded processes. torch's FSDP2 and DeepSpeed's CPU accelerator both run on gloo, so this launcher
@@ -12,9 +16,12 @@ harness.train against.
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 import accelerate
+import torch
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
@@ -47,8 +54,14 @@ class OnCPU(_Accelerator):
             AcceleratorState._shared_state["deepspeed_plugins"] = plugin
             _set_type(DistributedType.DEEPSPEED)
             self.deepspeed_engine_wrapped = None  # set by Accelerator.__init__ in DeepSpeed mode
-        else:
-            raise SystemExit(f"_cpu_engines.py: unknown engine {ENGINE!r} (fsdp2, zero1, zero2, zero3)")
+        elif ENGINE != "ddp":
+            raise SystemExit(f"_cpu_engines.py: unknown engine {ENGINE!r} (ddp, fsdp2, zero1, zero2, zero3)")
+        scaler = os.environ.get("HARNESS_TEST_FP16_SCALER")
+        if scaler is not None and mp == "fp16" and not ENGINE.startswith("zero"):
+            # where accelerate puts them on a GPU (FSDP2 too: a plain GradScaler, whose unscale of DTensor
+            # gradients finds an overflow on any shard for every process)
+            self.native_amp = True
+            self.scaler = torch.amp.GradScaler("cpu", **json.loads(scaler))
 
 
 accelerate.Accelerator = OnCPU

@@ -1,6 +1,6 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 on two CPU processes (gloo): validation and sampling, the engines' own
 checkpoints (with per-process EMA shards when parameters are sharded), an exact resume, and final weights that match a
-DDP run of the same recipe. accelerate sets these engines up only on accelerators, so ``_cpu_engines.py``
+DDP run of the same recipe; fp16 loss scaling under DDP and FSDP2 (``HARNESS_TEST_FP16_SCALER``). accelerate sets these engines up only on accelerators, so ``_cpu_engines.py``
 switches its state after building the Accelerator; all the sharding code that runs is accelerate's,
 torch's and DeepSpeed's."""
 
@@ -19,10 +19,11 @@ from harness.io import read_jsonl
 pytestmark = pytest.mark.slow
 
 
-def run_engine(engine: str, args: list, extra: tuple = ()) -> subprocess.CompletedProcess:
+def run_engine(engine: str, args: list, extra: tuple = (), env: dict | None = None) -> subprocess.CompletedProcess:
     launch = accelerate_cmd(2)[:-2]  # without its "-m harness.train"
     cmd = [*launch, str(REPO / "tests" / "_cpu_engines.py"), engine, *map(str, args), *extra]
-    return subprocess.run(cmd, env=launch_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, env={**launch_env(), **(env or {})}, cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -184,3 +185,31 @@ def test_fsdp2_early_stopping_exports_the_best_steps_weights_from_every_shard(ti
     summary = json.loads((out / "train_summary.json").read_text())
     assert (summary["stopped"], summary["steps"], summary["final_weights_step"]) == ("early_stopping", 2, 0)
     assert max_diff(weights(out / "final"), weights(tiny_sd_dir)) == 0.0
+
+
+def test_fp16_overflow_skips_the_same_steps_on_every_rank_under_ddp_and_fsdp2(tiny_sd_dir, data, tmp_path):
+    """A step is skipped on every process or on none: one rank stepping while another skips would leave
+    DDP replicas (or FSDP2 shards) from different steps. Under FSDP2 each process unscales only its own
+    shards of the gradients, so an overflow in one shard must skip the step everywhere. A huge initial
+    loss scale with a steep back-off makes the first steps overflow."""
+    # (the first applied step has the schedule's first LR, 0 under warm-up: the skips did not move it)
+    fp16 = {"train.mixed_precision": "fp16", "train.max_steps": 6, "train.warmup_steps": 2, "validation.every_steps": 0,
+            "validation.prompts": "[]", "checkpoint.every_steps": 0}
+    env = {"HARNESS_TEST_FP16_SCALER": json.dumps({"init_scale": 2.0**60, "backoff_factor": 2.0**-20})}
+    runs = {}
+    for engine in ("ddp", "fsdp2"):
+        out = tmp_path / engine
+        proc = run_engine(engine, recipe_args(tiny_sd_dir, data, out, tmp_path / "cache", **fp16), env=env)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        runs[engine] = [m for m in read_jsonl(out / "metrics.jsonl") if "loss" in m]
+        skipped = [m["skipped_steps"] for m in runs[engine]]
+        assert 1 <= skipped[-1] < 5, skipped
+    # the same steps skipped, the same scale, the same LR schedule under both
+    for key in ("skipped_steps", "loss_scale", "lr"):
+        assert [m[key] for m in runs["ddp"]] == [m[key] for m in runs["fsdp2"]], key
+    # DDP: both replicas hold the same weights at the end
+    ends = [read_jsonl(tmp_path / "ddp" / "data_order" / f"rank-{r}.jsonl")[-1]["unet_sha256"] for r in (0, 1)]
+    assert ends[0] == ends[1]
+    # fp16 compute: FSDP2 casts the gathered parameters, DDP's autocast each op's inputs; close, not equal
+    assert max_diff(weights(tmp_path / "ddp" / "final"), weights(tmp_path / "fsdp2" / "final")) < 1e-3
+    assert max_diff(weights(tmp_path / "fsdp2" / "final"), weights(tiny_sd_dir)) > 1e-4
