@@ -1,8 +1,9 @@
 """FSDP2 and DeepSpeed ZeRO-2/3 on two CPU processes (gloo): validation and sampling, the engines' own
-checkpoints (with per-process EMA shards when parameters are sharded), an exact resume, and final weights that match a
-DDP run of the same recipe; fp16 loss scaling under DDP and FSDP2 (``HARNESS_TEST_FP16_SCALER``). accelerate sets these engines up only on accelerators, so ``_cpu_engines.py``
-switches its state after building the Accelerator; all the sharding code that runs is accelerate's,
-torch's and DeepSpeed's."""
+checkpoints (with per-process EMA shards when parameters are sharded), an exact resume, and final weights
+that match a DDP run of the same recipe; fp16 loss scaling under DDP and FSDP2
+(``HARNESS_TEST_FP16_SCALER``). accelerate sets these engines up only on accelerators, so
+``_cpu_engines.py`` switches its state after building the Accelerator; all the sharding code that runs is
+accelerate's, torch's and DeepSpeed's."""
 
 from __future__ import annotations
 
