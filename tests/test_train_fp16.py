@@ -42,8 +42,13 @@ def test_fp16_trains_with_loss_scaling_and_exports_fp32(tiny_sd_dir, data_dir, t
     from diffusers import StableDiffusionPipeline
 
     fp16_on_cpu(monkeypatch)
-    extra = {"full": {}, "lora": {"lora.enabled": True}, "lora+text": {"lora.enabled": True, "lora.text_encoder": True,
-                                                                       "data.cache_text": False}}[kind]
+    extra = {
+        # fixed-seed samples under fp16 autocast (an fp32 UNet with the fp16 VAE and text encoder)
+        "full": {"validation.prompts": "['a cat']", "validation.every_steps": 3},
+        # the scaler unscales once per optimizer step, after both micro-batches
+        "lora": {"lora.enabled": True, "train.batch_size": 2, "train.grad_accum": 2},
+        "lora+text": {"lora.enabled": True, "lora.text_encoder": True, "data.cache_text": False},
+    }[kind]
     r = quick_recipe(tiny_sd_dir, data_dir, tmp_path, **{"train.mixed_precision": "fp16", "train.cpu": True,
                                                          "train.max_steps": 3, "lora.rank": 4, **extra})
     final = train(r)
@@ -57,6 +62,8 @@ def test_fp16_trains_with_loss_scaling_and_exports_fp32(tiny_sd_dir, data_dir, t
     base = StableDiffusionPipeline.from_pretrained(tiny_sd_dir)
     changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters())]
     assert any(changed), "fp16 steps left the UNet as it was"
+    if kind == "full":
+        assert len(list((tmp_path / "run" / "samples" / "step-00000003").glob("*.png"))) == 1
     if kind == "lora+text":
         assert any(not torch.equal(a, b) for a, b in zip(pipe.text_encoder.parameters(),
                                                           base.text_encoder.parameters()))
