@@ -71,3 +71,21 @@ def test_fp16_on_the_cpu_is_refused_before_any_work(tiny_sd_dir, data_dir, tmp_p
     with pytest.raises(ConfigError, match=r"'train.mixed_precision' = 'fp16': needs a GPU .* use bf16 or no"):
         _run(tiny_sd_dir, data_dir, tmp_path, "fp16")
     assert not (tmp_path / "run").exists()
+
+
+def test_the_eval_hook_scores_in_full_precision_under_bf16(tiny_sd_dir, data_dir, tmp_path):
+    """The samples come from the model as it trains (bf16 autocast); the scorers run as 'harness eval'
+    runs them, so the in-training CLIP or artifact score compares with the eval suite's."""
+    autocast_on = []
+
+    def probe(images, prompts):
+        autocast_on.append(torch.is_autocast_enabled("cpu"))
+        return 0.0
+
+    final = train_from_file(TINY, overrides(
+        tiny_sd_dir, data_dir, tmp_path / "run", tmp_path / "cache", **{
+            "train.mixed_precision": "bf16", "train.max_steps": 2, "train.cpu": True, "validation.every_steps": 2,
+            "validation.prompts": "['a cat']", "validation.eval_metrics": "[probe]", "checkpoint.every_steps": 0}),
+        scorers={"probe": probe})
+    assert autocast_on == [False, False]  # step 0 and step 2
+    assert [m["eval/probe"] for m in read_jsonl(final.parent / "metrics.jsonl") if "eval/probe" in m] == [0.0, 0.0]

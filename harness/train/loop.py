@@ -393,19 +393,22 @@ class Validator:
         unet.eval()
         dtype = self.models.weight_dtype
         amp = torch.autocast(unet.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        samples = []
         try:
-            with amp:
+            with amp:  # the model as it trains; the scorers below run as they do in 'harness eval'
                 if self.items:
                     out.update(validation_loss(unet, self.items, self.timesteps, self.models.alphas_cumprod,
                                                self.models.prediction_type, self.models.scaling_factor,
                                                self.recipe.validation.noise_seed))
                 if self.recipe.validation.prompts:
-                    out.update(self._samples(step, unet, text_encoder))
+                    samples = self._samples(step, unet, text_encoder)
         finally:
             unet.train(was_training)
+        if samples and self.main:
+            out.update(self._score(samples))
         return out
 
-    def _samples(self, step: int, unet, text_encoder) -> dict:
+    def _samples(self, step: int, unet, text_encoder) -> list:
         from diffusers import StableDiffusionPipeline
 
         v = self.recipe.validation
@@ -415,8 +418,12 @@ class Validator:
                                    guidance=v.guidance_scale, resolution=self.recipe.data.resolution,
                                    out_dir=self.run_dir / "samples" / ckpt.checkpoint_name(step) if self.main
                                    else None, step=step)
-        if not self.main:
-            return {}
+        return samples
+
+    def _score(self, samples: list) -> dict:
+        """The eval hook's scores of the fixed-seed samples, in full precision whatever the run trains in,
+        so they compare with the eval suite's numbers."""
+        v = self.recipe.validation
         images, prompts = [s[2] for s in samples], [s[0] for s in samples]
         if "drift" in v.eval_metrics and "drift" not in self.scorers:
             self.scorers["drift"] = drift_scorer(self._reference(images))
