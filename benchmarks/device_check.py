@@ -28,6 +28,8 @@ import argparse
 import json
 import logging
 import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,8 +87,22 @@ def throughput(args, precision: str) -> str:
     cmd = [sys.executable, str(REPO / "benchmarks" / "train_throughput.py"), "--model", "sd15",
            "--resolution", str(args.sd15_resolution), "--batch", str(args.sd15_batch), "--steps", "8",
            "--warmup", "2", "--images", str(max(16, 2 * args.sd15_batch)), "--mixed-precision", precision]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=args.sd15_timeout)
-    return proc.stdout + (f"\n[exit {proc.returncode}]\n{proc.stderr[-3000:]}" if proc.returncode else "")
+    # its own process group: at the time limit SIGINT reaches the configuration running too, and the
+    # benchmark's clean-up (up to ~14 GB of weights per configuration) still runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=args.sd15_timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+        # the configurations measured so far (ROW lines) still count
+        return out + f"\n[stopped after {args.sd15_timeout} s]\n"
+    return out + (f"\n[exit {proc.returncode}]\n{err[-3000:]}" if proc.returncode else "")
 
 
 def main() -> None:

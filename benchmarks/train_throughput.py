@@ -202,6 +202,8 @@ def run_all(args, tmp: Path) -> dict:
             print(f"{name}: failed\n{proc.stderr[-2000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(line[0][7:])
+        # each configuration as it finishes: a run cut short by a time limit still reports what it measured
+        print(f"ROW {name}: {line[0][7:]}", flush=True)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     return results
