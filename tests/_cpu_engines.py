@@ -21,7 +21,7 @@ import os
 import sys
 
 import accelerate
-import torch
+from _train_helpers import cpu_loss_scaling
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 
@@ -58,10 +58,9 @@ class OnCPU(_Accelerator):
             raise SystemExit(f"_cpu_engines.py: unknown engine {ENGINE!r} (ddp, fsdp2, zero1, zero2, zero3)")
         scaler = os.environ.get("HARNESS_TEST_FP16_SCALER")
         if scaler is not None and mp == "fp16" and not ENGINE.startswith("zero"):
-            # where accelerate puts them on a GPU (FSDP2 too: a plain GradScaler, whose unscale of DTensor
-            # gradients finds an overflow on any shard for every process)
-            self.native_amp = True
-            self.scaler = torch.amp.GradScaler("cpu", **json.loads(scaler))
+            # as accelerate sets up a GPU (FSDP2 too: a plain GradScaler, whose unscale of DTensor gradients
+            # finds an overflow on any shard for every process)
+            cpu_loss_scaling(self, **json.loads(scaler))
 
 
 accelerate.Accelerator = OnCPU

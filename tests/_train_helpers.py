@@ -105,7 +105,6 @@ def fp16_on_cpu(monkeypatch, **scaler_kwargs) -> None:
     clipping, skipping an overflowed step, the scaler in ``save_state``/``load_state``) is accelerate's
     and torch's own code. ``scaler_kwargs`` go to the GradScaler (init_scale, backoff_factor, ...)."""
     import accelerate
-    import torch
 
     base = accelerate.Accelerator
 
@@ -113,7 +112,14 @@ def fp16_on_cpu(monkeypatch, **scaler_kwargs) -> None:
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             if self.mixed_precision == "fp16" and self.scaler is None:
-                self.native_amp = True
-                self.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
+                cpu_loss_scaling(self, **scaler_kwargs)
 
     monkeypatch.setattr(accelerate, "Accelerator", FP16OnCPU)
+
+
+def cpu_loss_scaling(acc, **scaler_kwargs) -> None:
+    """What accelerate's Accelerator sets for fp16 on a GPU, with torch's CPU GradScaler."""
+    import torch
+
+    acc.native_amp = True
+    acc.scaler = torch.amp.GradScaler("cpu", **scaler_kwargs)
