@@ -25,7 +25,6 @@ It writes ``device_check.json`` and the throughput tables under ``--out``. ``--p
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -70,12 +69,13 @@ def tiny_run(sd: Path, data: Path, work: Path, precision: str, lora: bool) -> di
                                   overrides(sd, data, out / "run", out / "cache", **extra)))
     except Exception as e:  # a check that fails is reported, and the others still run
         return {"ok": False, "error": f"{type(e).__name__}: {e}"[:2000]}
-    steps = [m for m in read_jsonl(out / "run" / "metrics.jsonl") if "loss" in m]
+    logged = read_jsonl(out / "run" / "metrics.jsonl")
+    steps = [m for m in logged if "loss" in m]
     pipe = StableDiffusionPipeline.from_pretrained(final)
     dtypes = sorted({str(p.dtype) for m in (pipe.unet, pipe.vae, pipe.text_encoder) for p in m.parameters()})
     losses = [m["loss"] for m in steps]
     result = {"seconds": round(time.perf_counter() - t0, 1), "first_loss": losses[0], "last_loss": losses[-1],
-              "val_loss": [m["val_loss"] for m in read_jsonl(out / "run" / "metrics.jsonl") if "val_loss" in m],
+              "val_loss": [m["val_loss"] for m in logged if "val_loss" in m],
               "loss_scale": [m.get("loss_scale") for m in steps], "skipped_steps": steps[-1].get("skipped_steps"),
               "export_dtypes": dtypes, "gpu_peak_mib": steps[-1].get("gpu_peak_mib")}
     result["ok"] = (all(math.isfinite(v) for v in losses) and dtypes == [str(torch.float32)]
@@ -122,6 +122,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="device-check-") as tmp:
         from _train_helpers import make_dataset
 
+        from harness.io import atomic_write_json
         from harness.models.tiny import build_tiny_sd
 
         sd = Path(tmp) / "sd"
@@ -132,7 +133,7 @@ def main() -> None:
                 name = f"{precision}-{'lora' if lora else 'full'}"
                 report["tiny"][name] = tiny_run(sd, data, Path(tmp), precision, lora)
                 log.info("%s: %s", name, report["tiny"][name])
-                (out / "device_check.json").write_text(json.dumps(report, indent=1))
+                atomic_write_json(out / "device_check.json", report)  # after each run: a cut-short call keeps them
     if args.sd15_resolution:
         for precision in args.sd15_precisions.split(","):
             table = throughput(args, precision)
