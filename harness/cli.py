@@ -16,9 +16,9 @@ import sys
 
 # name -> (module, one-line help). Order is the order shown in --help (the loop's order).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("harness.report.demo_commands", "the whole loop on a CPU: caption, fine-tune, eval, report (digits)"),
+    "demo": ("harness.world.demo_commands", "the whole loop on a CPU: caption, fine-tune, eval, report (digits)"),
     "info": ("harness.models.commands", "describe a checkpoint: source, components, sizes, scheduler"),
-    "zoo": ("harness.report.zoo_commands", "build the tiny model zoo (random or trained on digits)"),
+    "zoo": ("harness.world.zoo_commands", "build the tiny model zoo (random or trained on digits)"),
     "export": ("harness.models.export_commands", "save a checkpoint as a diffusers folder and/or one .safetensors"),
     "caption": ("harness.caption.commands", "BLIP captions for the images in a dataset folder that have none"),
     "split": ("harness.data.split_commands", "hash-based train/val split written into metadata.jsonl"),

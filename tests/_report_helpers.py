@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from harness.eval import layout
 from harness.io import append_jsonl, atomic_write_json
-from harness.report import layout
 
 HOSTILE = '<script>alert(1)</script>'
 HOSTILE_CAPTION = '"><img src=x onerror=alert(2)> & <b>bold</b>'

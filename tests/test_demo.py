@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from harness.report import digits as D
+from harness.world import digits as D
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,7 @@ def world(world_cfg):
 
 @pytest.fixture(scope="module")
 def demo(world, world_cfg, tmp_path_factory):
-    from harness.report.demo import run_demo
+    from harness.world.demo import run_demo
 
     return run_demo(tmp_path_factory.mktemp("demo"), cfg=world_cfg, world_dir=world, progress=False)
 

@@ -12,14 +12,14 @@ from html.parser import HTMLParser
 
 import pytest
 
-from harness.report import digits as D
+from harness.world import digits as D
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
-    from harness.report.demo import run_demo
+    from harness.world.demo import run_demo
 
     cfg = D.WorldConfig().scaled(0.0)  # every part at its 10-step minimum
     root = tmp_path_factory.mktemp("demo-smoke")

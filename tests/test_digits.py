@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.report import digits as D
+from harness.world import digits as D
 
 
 def test_caption_names_digit_and_style():

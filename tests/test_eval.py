@@ -24,8 +24,8 @@ from _train_helpers import free_port
 
 from harness.cli import main as cli_main
 from harness.errors import CheckpointError, HarnessError
+from harness.eval import layout
 from harness.report import html as report_html
-from harness.report import layout
 
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = ROOT / "eval" / "tiny-cpu.yaml"
@@ -61,7 +61,7 @@ def run(setup):
     """One eval run, in this process, single-threaded (so the two-process run can match it bit for bit)."""
     import torch
 
-    from harness.report.runner import run_eval
+    from harness.report.evaluate import run_eval
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -183,7 +183,7 @@ def test_two_processes_match_one(run, setup):
 
 
 def test_bad_checkpoint_fails_before_generating(setup, tmp_path):
-    from harness.report.runner import run_eval
+    from harness.eval.runner import run_eval
 
     with pytest.raises(CheckpointError, match="not found"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(tmp_path / "nope")], out=tmp_path / "r",
@@ -192,7 +192,7 @@ def test_bad_checkpoint_fails_before_generating(setup, tmp_path):
 
 
 def test_run_dir_of_another_suite_version_is_refused(run, setup):
-    from harness.report.runner import run_eval
+    from harness.eval.runner import run_eval
 
     with pytest.raises(HarnessError, match="made by suite 'tiny-cpu' version '1'.*use a new --out"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(setup["cand"])], out=run.run_dir,
@@ -200,7 +200,7 @@ def test_run_dir_of_another_suite_version_is_refused(run, setup):
 
 
 def test_heldout_suite_needs_data(setup, tmp_path):
-    from harness.report.runner import run_eval
+    from harness.eval.runner import run_eval
 
     with pytest.raises(HarnessError, match="held-out split.*--data"):
         run_eval(SUITE, base=str(setup["zoo"] / "sd"), candidates=[str(setup["cand"])], out=tmp_path / "r",

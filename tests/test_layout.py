@@ -11,7 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "harness"
 # Data flows one way; the judges (estimator, metrics) sit before train because it scores its samples.
-ORDER = ["models", "data", "caption", "estimator", "metrics", "train", "generate", "report"]
+# eval turns a suite + checkpoints into results.json, report renders run folders, world (the digits
+# world and `harness demo`) may use everything.
+ORDER = ["models", "data", "caption", "estimator", "metrics", "train", "generate", "eval", "report", "world"]
 
 
 def _imports(path: Path) -> set[str]:

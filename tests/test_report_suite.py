@@ -10,10 +10,10 @@ import pytest
 from _report_helpers import make_dataset, make_fake_run
 
 from harness.errors import CheckpointError, ConfigError, HarnessError
-from harness.report import gates, plan
+from harness.eval import gates, plan
+from harness.eval.suite import load_suite, suite_identity
+from harness.eval.verdict import paired_set_bootstrap
 from harness.report.compare import collect, compare_runs, table
-from harness.report.suite import load_suite, suite_identity
-from harness.report.verdict import paired_set_bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -194,9 +194,9 @@ def test_nonfinite_samples_are_marked_and_left_out(tmp_path):
     """A sample whose latents went NaN/Inf (recorded by generation in the PNG) is marked, not scored."""
     from PIL import Image
 
+    from harness.eval import layout, scoring
+    from harness.eval.runner import per_image_records
     from harness.generate.batch import make_params, save_png
-    from harness.report import layout, scoring
-    from harness.report.runner import per_image_records
 
     items = [plan.Item("gen", i, f"p{i}", 0) for i in range(3)]
     ck = [plan.Checkpoint("base", "base", "b")]

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from harness.report.verdict import (
+from harness.eval.verdict import (
     check_gate,
     diff_from_intervals,
     paired_bootstrap_diff,

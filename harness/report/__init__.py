@@ -1,1 +1,1 @@
-"""Eval suites, the comparison report, regression gates and run comparison."""
+"""Render an eval run folder: the HTML report, its plots, and run-vs-run comparison."""

@@ -67,8 +67,8 @@ def run(args) -> int:
 
 
 def _eval(args) -> int:
-    from harness.report.gates import format_table
-    from harness.report.runner import run_eval
+    from harness.eval.gates import format_table
+    from harness.report.evaluate import run_eval
 
     res = run_eval(args.suite, base=args.base, candidates=args.candidate, out=args.out, data=args.data,
                    overrides=args.overrides, train_run=args.train_run, device=args.device,

@@ -14,8 +14,9 @@ from pathlib import Path
 import pandas as pd
 
 from harness.errors import HarnessError
+from harness.eval import layout
 from harness.io import atomic_write_text
-from harness.report import layout, plots
+from harness.report import plots
 
 log = logging.getLogger(__name__)
 

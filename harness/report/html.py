@@ -21,8 +21,9 @@ import numpy as np
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from harness.errors import HarnessError
+from harness.eval import layout
 from harness.io import atomic_write_text, read_jsonl
-from harness.report import layout, plots
+from harness.report import plots
 
 log = logging.getLogger(__name__)
 

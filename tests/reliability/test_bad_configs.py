@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 from harness.cli import main
 from harness.config import dump_yaml, to_dict
 from harness.errors import ConfigError
+from harness.eval.suite import Suite, load_suite
 from harness.generate.axes import AXES, parse_axis
-from harness.report.suite import Suite, load_suite
 from harness.train.recipe import Recipe, load_recipe
 
 GOOD_RECIPE = "model: {source: zoo/sd}\ndata: {root: data}\noutput_dir: runs/x\n"

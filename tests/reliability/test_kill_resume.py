@@ -133,7 +133,7 @@ def _rows(run: Path) -> list:
 
 @pytest.mark.slow
 def test_eval_killed_in_png_write_and_feature_cache_write_loses_only_the_batch_in_flight(eval_setup, tmp_path):
-    from harness.report.runner import run_eval
+    from harness.report.evaluate import run_eval
 
     suite, ckpts = eval_setup
     run, ref = tmp_path / "run", tmp_path / "ref-run"

@@ -12,7 +12,7 @@ import torch
 from _rel_helpers import REPO
 
 from harness.cli import main
-from harness.report import layout
+from harness.eval import layout
 from harness.train import checkpoint as ckpt
 
 SUITE = """name: nan
@@ -48,7 +48,7 @@ def poisoned(monkeypatch):
 
 def test_eval_marks_nan_samples_and_scores_the_rest(zoo_dir, tmp_path, poisoned):
     from harness.generate.batch import read_png_params
-    from harness.report.runner import run_eval
+    from harness.report.evaluate import run_eval
 
     suite = tmp_path / "suite.yaml"
     suite.write_text(SUITE.replace("CLIP", str(zoo_dir / "clip")))

@@ -12,7 +12,7 @@ from html.parser import HTMLParser
 from _report_helpers import make_fake_run
 
 from harness.cli import main
-from harness.report import layout
+from harness.eval import layout
 
 PAYLOADS = [
     "{{ 7*7 }}",

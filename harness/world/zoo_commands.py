@@ -6,7 +6,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from harness.errors import HarnessError
-from harness.report.digits import build_digits_zoo
+from harness.world.digits import build_digits_zoo
 
 ZOO_PARTS = ("sd", "clip", "blip", "yolo")
 

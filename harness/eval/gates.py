@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from harness.report.suite import Suite
-from harness.report.verdict import GateResult, check_gate
+from harness.eval.suite import Suite
+from harness.eval.verdict import GateResult, check_gate
 
 
 def evaluate(suite: Suite, rows: list[dict], ckpts) -> tuple[list[GateResult], list[str]]:

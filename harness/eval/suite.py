@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from harness.config import load_config, to_dict
 from harness.errors import ConfigError
-from harness.report.verdict import GATE_RULES
+from harness.eval.verdict import GATE_RULES
 
 _LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 

@@ -1,4 +1,4 @@
-"""``harness eval``: generate what a suite asks for every checkpoint, score it, gate it, report it.
+"""``harness eval``: generate what a suite asks for every checkpoint, score it, gate it.
 
 Phases (each with its own progress bar on the main process):
 
@@ -9,7 +9,7 @@ Phases (each with its own progress bar on the main process):
    processes, so N processes make exactly the images one process makes. Finished images are skipped
    on a rerun (resume);
 3. score (main process, from the files on disk): every metric with intervals, verdicts, gates;
-   results.json + results.csv/parquet; report.html.
+   results.json + results.csv/parquet. The report stage renders report.html from them.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from pathlib import Path
 
 from harness.config import dump_yaml
 from harness.errors import HarnessError
+from harness.eval import layout, plan
+from harness.eval.suite import Suite, load_suite, suite_identity
+from harness.eval.verdict import GateResult
 from harness.io import atomic_write_json, atomic_write_text
-from harness.report import layout, plan
-from harness.report.suite import Suite, load_suite, suite_identity
-from harness.report.verdict import GateResult
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class EvalResult:
     failed: list[GateResult] = field(default_factory=list)
     generated: int = 0
     skipped: int = 0
-    report: Path | None = None
+    report: Path | None = None  # set by harness.report.evaluate when it renders the run
 
     @property
     def exit_code(self) -> int:
@@ -70,10 +70,12 @@ def _barrier(state) -> None:
 
 
 def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], out: str | Path,
-             data: str | Path | None = None, overrides: Sequence[str] = (), train_run: str | Path | None = None,
-             device: str | None = None, allow_pickle: bool = False, report: bool = True,
-             progress: bool = True) -> EvalResult:
-    """Run a suite; see the module docstring. Returns the results (main process) and failed gates."""
+             data: str | Path | None = None, overrides: Sequence[str] = (), device: str | None = None,
+             allow_pickle: bool = False, progress: bool = True) -> EvalResult:
+    """Run a suite; see the module docstring. Returns the results (main process) and failed gates.
+
+    Rendering is the report stage's: ``harness.report.evaluate.run_eval`` runs this, then writes
+    ``report.html``."""
     state = _state(device)
     main = state.is_main_process
     # "cpu", not accelerate's "cpu:0": ultralytics refuses the latter
@@ -100,12 +102,7 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
                                    allow_pickle=allow_pickle)
     write_results(run_dir, results, per_image)
     failed = [GateResult(**g) for g in results["gates"] if not g["passed"]]
-    path = None
-    if report:
-        from harness.report.html import write_report
-
-        path = write_report(run_dir, train_run=train_run)
-    return EvalResult(run_dir, results, failed, counts["generated"], counts["skipped"], path)
+    return EvalResult(run_dir, results, failed, counts["generated"], counts["skipped"])
 
 
 # --- plan ------------------------------------------------------------------------------------
@@ -251,8 +248,8 @@ def per_image_records(run_dir: Path, ckpts, items) -> list[dict]:
 
 def score_all(run_dir: Path, suite: Suite, suite_path, ckpts, items, data, *, device: str = "cpu",
               progress: bool = True, allow_pickle: bool = False) -> tuple[dict, list[dict]]:
-    from harness.report import gates, scoring
-    from harness.report.suite import metric_class
+    from harness.eval import gates, scoring
+    from harness.eval.suite import metric_class
 
     per_image = per_image_records(run_dir, ckpts, items)
     missing = [r for r in per_image if r["image"] is None]

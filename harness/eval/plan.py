@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from harness.errors import CheckpointError, ConfigError, HarnessError, UnsafeCheckpointError
-from harness.report import layout
-from harness.report.suite import Suite, read_prompt_file, resolve_path
+from harness.eval import layout
+from harness.eval.suite import Suite, read_prompt_file, resolve_path
 
 log = logging.getLogger(__name__)
 

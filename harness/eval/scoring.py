@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from harness.errors import ConfigError, HarnessError
+from harness.eval import layout
+from harness.eval.plan import Checkpoint, Item
+from harness.eval.suite import Suite
+from harness.eval.verdict import paired_bootstrap_diff, paired_set_bootstrap, verdict
 from harness.metrics.features import file_features
-from harness.report import layout
-from harness.report.plan import Checkpoint, Item
-from harness.report.suite import Suite
-from harness.report.verdict import paired_bootstrap_diff, paired_set_bootstrap, verdict
 
 log = logging.getLogger(__name__)
 
@@ -346,7 +346,7 @@ def _artifact_cells(sc: Scoring, images: list[Path], prompts: list[str]) -> list
     label = next((lab for lab in sc.suite.metrics if "artifact" in sc.suite.metric_name(lab)), None)
     if label is None or not _estimator_path(sc, dict(sc.suite.metrics[label].settings)):
         return None
-    from harness.report.suite import metric_class
+    from harness.eval.suite import metric_class
 
     settings = dict(sc.suite.metrics[label].settings)
     return _artifact_values(sc, metric_class(sc.suite.metric_name(label)), settings, images)
@@ -391,9 +391,9 @@ def _heatmap(sc: Scoring, cls, settings: dict, r: dict) -> None:
 def cluster_kl(sc: Scoring, label: str, name: str, cls, settings: dict, subsets: Sequence[str]) -> None:
     """OD = the reference images, BM = the base model's, TM = each candidate's. The base row holds
     KL(OD||BM), a candidate's row KL(OD||TM); the per-class breakdown goes to ``breakdowns``."""
+    from harness.eval.verdict import diff_from_intervals
     from harness.metrics.cluster_kl import YoloDetector
     from harness.metrics.images import load_image
-    from harness.report.verdict import diff_from_intervals
 
     if not sc.reference:
         raise ConfigError(f"metric {label!r} (cluster KL) needs reference images (the original data): give the "

@@ -1,6 +1,6 @@
 """``harness demo``: the whole loop on a CPU, on models that were really trained.
 
-caption -> fine-tune -> eval -> report, on the digits world (:mod:`harness.report.digits`): held-out
+caption -> fine-tune -> eval -> report, on the digits world (:mod:`harness.world.digits`): held-out
 digits restyled in red ink on cream paper (a style the base model has never drawn) are captioned by
 the world's BLIP with the suffix ", red ink", the base pipeline's UNet is fine-tuned on them with
 ``recipes/demo-digits.yaml`` through the project's trainer, and ``eval/demo-digits.yaml`` compares
@@ -18,7 +18,7 @@ import numpy as np
 
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
-from harness.report import digits as D
+from harness.world import digits as D
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
              progress: bool = True) -> DemoResult:
     """Run the demo into ``out`` (resumable: every step reuses what a previous run finished)."""
     from harness.caption.blip import caption_folder
-    from harness.report.runner import run_eval
+    from harness.report.evaluate import run_eval
     from harness.train.loop import train_from_file
 
     cfg = cfg or D.WorldConfig()
@@ -112,9 +112,9 @@ def distribution_shift(eval_dir: Path, world: Path, subset: str = "in_domain", s
     halves of the base's own samples (what the KL reads when nothing changed)."""
     from PIL import Image
 
+    from harness.eval import layout
     from harness.io import read_jsonl
     from harness.metrics.cluster_kl import ClusterKL, YoloDetector
-    from harness.report import layout
 
     recs = [r for r in read_jsonl(eval_dir / layout.PER_IMAGE) if r["subset"] == subset and r.get("image")]
     load = lambda r: np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"))  # noqa: E731

@@ -18,8 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from harness.report.demo import run_demo
-    from harness.report.digits import WorldConfig
+    from harness.world.demo import run_demo
+    from harness.world.digits import WorldConfig
 
     res = run_demo(args.out, cfg=WorldConfig(seed=args.seed).scaled(args.scale), world_dir=args.world)
     print(f"report: {res.report}")

@@ -1,0 +1,1 @@
+"""The digits world (a small SD-shaped world trained here) and `harness demo`."""
