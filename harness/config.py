@@ -59,72 +59,112 @@ def _fail(where: str, path: str, value: Any, expected: str) -> ConfigError:
 
 
 def _convert(tp: Any, value: Any, path: str, where: str) -> Any:
+    """``value`` checked and converted to ``tp``, or a :class:`ConfigError` naming ``path``."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, path, where)
-            except ConfigError as e:
-                errors.append(e)
-        raise _fail(where, path, value, _type_name(tp))
+        return _convert_union(tp, value, path, where)
     if origin is Literal:
-        if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
-            return value
-        raise _fail(where, path, value, _type_name(tp))
+        return _convert_literal(tp, value, path, where)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise _fail(where, path, value, "a mapping")
-        return _build(tp, value, path + ".", where)
+        return _convert_dataclass(tp, value, path, where)
     if origin in (list, tuple):
-        if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
-            raise _fail(where, path, value, _type_name(tp))
-        inner = get_args(tp)[0]
-        items = [_convert(inner, v, f"{path}[{i}]", where) for i, v in enumerate(value)]
-        return tuple(items)  # tuples keep frozen dataclasses hashable and immutable
+        return _convert_sequence(tp, value, path, where)
     if origin is dict:
-        if not isinstance(value, dict):
-            raise _fail(where, path, value, _type_name(tp))
-        inner = get_args(tp)[1]
-        return types.MappingProxyType({str(k): _convert(inner, v, f"{path}.{k}", where) for k, v in value.items()})
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _fail(where, path, value, "true or false")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise _fail(where, path, value, "an integer")
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(float(value)):
-                raise _fail(where, path, value, "a finite number")
-            return float(value)
-        if isinstance(value, str):  # YAML reads 1e-4 as a string (YAML 1.1 wants 1.0e-4)
-            try:
-                f = float(value)
-            except ValueError:
-                pass
-            else:
-                if math.isfinite(f):
-                    return f
-        raise _fail(where, path, value, "a number")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise _fail(where, path, value, "a string")
+        return _convert_mapping(tp, value, path, where)
+    return _convert_scalar(tp, value, path, where)
+
+
+def _convert_union(tp: Any, value: Any, path: str, where: str) -> Any:
+    """``X | Y | None``: None when allowed, else the first member type that accepts ``value``."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(arg, value, path, where)
+        except ConfigError as e:
+            errors.append(e)
+    raise _fail(where, path, value, _type_name(tp))
+
+
+def _convert_literal(tp: Any, value: Any, path: str, where: str) -> Any:
+    if value in get_args(tp) and type(value) in {type(a) for a in get_args(tp)}:
+        return value
+    raise _fail(where, path, value, _type_name(tp))
+
+
+def _convert_dataclass(tp: Any, value: Any, path: str, where: str) -> Any:
+    if not isinstance(value, dict):
+        raise _fail(where, path, value, "a mapping")
+    return _build(tp, value, path + ".", where)
+
+
+def _convert_sequence(tp: Any, value: Any, path: str, where: str) -> tuple:
+    """``list[X]`` / ``tuple[X, ...]`` from a YAML list, item by item."""
+    if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple)):
+        raise _fail(where, path, value, _type_name(tp))
+    inner = get_args(tp)[0]
+    items = [_convert(inner, v, f"{path}[{i}]", where) for i, v in enumerate(value)]
+    return tuple(items)  # tuples keep frozen dataclasses hashable and immutable
+
+
+def _convert_mapping(tp: Any, value: Any, path: str, where: str) -> types.MappingProxyType:
+    """``dict[str, X]`` from a YAML mapping, as a read-only mapping with string keys."""
+    if not isinstance(value, dict):
+        raise _fail(where, path, value, _type_name(tp))
+    inner = get_args(tp)[1]
+    return types.MappingProxyType({str(k): _convert(inner, v, f"{path}.{k}", where) for k, v in value.items()})
+
+
+def _convert_scalar(tp: Any, value: Any, path: str, where: str) -> Any:
+    """bool, int, float or str; any other field type is a bug in the schema."""
+    for kind, convert in ((bool, _to_bool), (int, _to_int), (float, _to_float), (str, _to_str)):
+        if tp is kind:
+            return convert(value, path, where)
     raise TypeError(f"config field type {tp!r} at {path} is not supported")  # a bug in the schema
+
+
+def _to_bool(value: Any, path: str, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise _fail(where, path, value, "true or false")
+
+
+def _to_int(value: Any, path: str, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    raise _fail(where, path, value, "an integer")
+
+
+def _to_float(value: Any, path: str, where: str) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(float(value)):
+            raise _fail(where, path, value, "a finite number")
+        return float(value)
+    if isinstance(value, str):  # YAML reads 1e-4 as a string (YAML 1.1 wants 1.0e-4)
+        try:
+            f = float(value)
+        except ValueError:
+            pass
+        else:
+            if math.isfinite(f):
+                return f
+    raise _fail(where, path, value, "a number")
+
+
+def _to_str(value: Any, path: str, where: str) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise _fail(where, path, value, "a string")
 
 
 def _check_bounds(field: dataclasses.Field, value: Any, path: str, where: str) -> None:

@@ -17,7 +17,8 @@ from harness.data.buckets import BucketBatchSampler, make_buckets, nearest_bucke
 from harness.data.folder import read_caption_file, scan_dataset, update_metadata
 from harness.data.images import image_size, open_rgb
 from harness.data.loader import ImageCaptionDataset, process_caption
-from harness.data.split import assign_split, split_dataset
+from harness.data.split import split_dataset
+from harness.data.split_rule import assign_split
 from harness.data.stats import dataset_stats
 from harness.errors import HarnessError
 

@@ -6,7 +6,8 @@ import pytest
 
 from harness.errors import ConfigError
 from harness.generate.axes import parse_axis
-from harness.generate.grid import GridSpec, ordered_jobs, pages, plan_grid
+from harness.generate.grid import GridSpec, ordered_jobs, plan_grid
+from harness.generate.grid_draw import pages
 from harness.models.schedulers import canonical_scheduler, make_scheduler, scheduler_names
 from harness.models.tiny import SD15_SCHEDULER
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.data.images import DEFAULT_MAX_PIXELS, image_size, is_image_path, verify_image
-from harness.data.split import assign_split
+from harness.data.split_rule import assign_split
 from harness.errors import HarnessError
 from harness.io import atomic_write_bytes
 

@@ -1,32 +1,16 @@
-"""Hash-based validation split: each image's side depends only on its own key and the seed.
-
-Shuffle-then-cut splits reshuffle everything when one image is added; hashing the image's path keeps
-every existing assignment when the folder grows (the new images fall on either side by the same rule).
-"""
+"""``harness split``: write the hash-based validation split (``split_rule``) into metadata.jsonl."""
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from harness.errors import HarnessError
+from harness.data.folder import scan_dataset, split_name, update_metadata
+from harness.data.images import DEFAULT_MAX_PIXELS
+from harness.data.split_rule import assign_split
 
 log = logging.getLogger(__name__)
-
-
-def split_fraction(key: str, seed: int) -> float:
-    """A uniform number in [0, 1) fixed by (seed, key)."""
-    digest = hashlib.sha256(f"{int(seed)}\x00{key}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
-def assign_split(key: str, val_fraction: float, seed: int = 0) -> str:
-    """'val' for about ``val_fraction`` of keys, else 'train'; stable for a given key and seed."""
-    if not 0.0 <= val_fraction < 1.0:
-        raise HarnessError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
-    return "val" if split_fraction(key, seed) < val_fraction else "train"
 
 
 @dataclass
@@ -52,9 +36,6 @@ def split_dataset(root, val: float = 0.1, seed: int = 0, dry_run: bool = False, 
                   overwrite: bool = False, max_pixels: int | None = None) -> SplitReport:
     """Write a ``split`` column into metadata.jsonl for images that have none (``overwrite``: all
     images outside train/ and val/ folders). Captions and other columns are never touched."""
-    from harness.data.folder import scan_dataset, split_name, update_metadata
-    from harness.data.images import DEFAULT_MAX_PIXELS
-
     assign_split("", val, seed)  # validates val
     index = scan_dataset(root, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, verify=False)
     report = SplitReport(root=index.root, skipped=index.skipped, dry_run=dry_run)

@@ -5,9 +5,9 @@ image of the cell (all kept, drawn side by side). Images run through :func:`harn
 which groups them by checkpoint/scheduler/size/LoRA - so a CFG x seed x prompt x steps sweep shares
 denoising batches and every checkpoint loads once, whatever axis it sits on.
 
-Drawing: one grid per z value (paged when it would exceed ``max_grid_px`` on a side), plus an
-overview of all z grids. ``grid.json`` keeps every parameter and every cell's pixel box, so the report
-can rebuild captions and crop cells::
+Drawing (:mod:`harness.generate.grid_draw`): one grid per z value (paged when it would exceed
+``max_grid_px`` on a side), plus an overview of all z grids. ``grid.json`` keeps every parameter and
+every cell's pixel box, so the report can rebuild captions and crop cells::
 
     {"version": 1, "spec": {...GridSpec...}, "fixed": {params shared by all cells},
      "axes": {"x": {"name": "cfg", "values": [...], "labels": [...]} | null, "y": ..., "z": ...},
@@ -29,7 +29,8 @@ from pathlib import Path
 from harness.errors import ConfigError
 from harness.generate.axes import Axis, check_axes, parse_axis
 from harness.generate.batch import Job, job_key, make_params, run_jobs
-from harness.io import atomic_write_bytes, atomic_write_json
+from harness.generate.grid_draw import Layout, draw_grid, draw_overview, pages, save_image
+from harness.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -146,123 +147,7 @@ def ordered_jobs(plan: GridPlan) -> list[Job]:
                                        first[("s", j.params["scheduler"])]))
 
 
-# ---- drawing -------------------------------------------------------------------------------------------
-
-def font(size: int):
-    """DejaVuSans (ships with matplotlib), so labels look the same everywhere with no downloads."""
-    import matplotlib
-    from PIL import ImageFont
-
-    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
-    try:
-        return ImageFont.truetype(str(path), size)
-    except OSError:
-        return ImageFont.load_default(size)
-
-
-def wrap(text: str, fnt, width: int) -> list[str]:
-    """Greedy word wrap to ``width`` pixels (long words are cut)."""
-    lines: list[str] = []
-    for para in str(text).split("\n"):
-        line = ""
-        for word in para.split(" "):
-            trial = f"{line} {word}" if line else word
-            if fnt.getlength(trial) <= width or not line:
-                line = trial
-                while fnt.getlength(line) > width and len(line) > 1:
-                    cut = max(1, int(len(line) * width / fnt.getlength(line)))
-                    lines.append(line[:cut])
-                    line = line[cut:]
-            else:
-                lines.append(line)
-                line = word
-        lines.append(line)
-    return lines
-
-
-@dataclass
-class Layout:
-    img_w: int
-    img_h: int
-    per_cell: int
-    gap: int = 4
-
-    @property
-    def cell_w(self) -> int:
-        return self.per_cell * self.img_w + (self.per_cell - 1) * 2
-
-    @property
-    def font_size(self) -> int:
-        return max(12, min(32, self.img_h // 10))
-
-
-def draw_grid(images: dict[tuple[int, int], list], col_labels: list[str], row_labels: list[str],
-              title: str = "", legend: list[str] | None = None, seeds: list | None = None) -> tuple:
-    """Draw one page. ``images[(row, col)]`` is the cell's list of PIL images (one per seed).
-
-    Returns (image, boxes) with boxes = [{"row", "col", "index", "box": [l, t, r, b]}]."""
-    from PIL import Image, ImageDraw
-
-    every = [im for v in images.values() for im in v]  # cells may differ in size (a size axis)
-    lay = Layout(max(im.width for im in every), max(im.height for im in every),
-                 max(len(v) for v in images.values()))
-    fnt = font(lay.font_size)
-    small = font(max(10, lay.font_size * 3 // 4))
-    line_h = int(lay.font_size * 1.25)
-    n_rows, n_cols = len(row_labels), len(col_labels)
-    has_rows = any(row_labels)
-    row_w = min(max(fnt.getlength(t) for t in row_labels) + 2 * lay.gap, max(160, lay.img_w)) if has_rows else 0
-    row_w = int(row_w)
-    col_lines = [wrap(t, fnt, lay.cell_w - lay.gap) for t in col_labels]
-    head_h = max(len(c) for c in col_lines) * line_h + lay.gap if any(col_labels) else 0
-    grid_w = row_w + n_cols * (lay.cell_w + lay.gap)
-    top_lines = (wrap(title, fnt, grid_w - 2 * lay.gap) if title else [])
-    legend_lines = [ln for item in (legend or []) for ln in wrap(item, small, grid_w - 2 * lay.gap)]
-    top_h = len(top_lines) * line_h + len(legend_lines) * int(line_h * 0.8) + (lay.gap * 2 if top_lines or
-                                                                              legend_lines else 0)
-    width = grid_w + lay.gap
-    height = top_h + head_h + n_rows * (lay.img_h + lay.gap) + lay.gap
-    canvas = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(canvas)
-    y = lay.gap
-    for ln in top_lines:
-        draw.text((lay.gap, y), ln, fill="black", font=fnt)
-        y += line_h
-    for ln in legend_lines:
-        draw.text((lay.gap, y), ln, fill=(60, 60, 60), font=small)
-        y += int(line_h * 0.8)
-    y0 = top_h + head_h
-    for c, lines in enumerate(col_lines):
-        x = row_w + lay.gap + c * (lay.cell_w + lay.gap)
-        for k, ln in enumerate(lines):
-            draw.text((x + (lay.cell_w - fnt.getlength(ln)) / 2, top_h + k * line_h), ln, fill="black", font=fnt)
-    boxes = []
-    for r in range(n_rows):
-        ytop = y0 + r * (lay.img_h + lay.gap)
-        if has_rows:
-            lines = wrap(row_labels[r], fnt, row_w - lay.gap)
-            ty = ytop + max(0, (lay.img_h - len(lines) * line_h) // 2)
-            for k, ln in enumerate(lines):
-                draw.text((lay.gap, ty + k * line_h), ln, fill="black", font=fnt)
-        for c in range(n_cols):
-            xleft = row_w + lay.gap + c * (lay.cell_w + lay.gap)
-            for k, im in enumerate(images.get((r, c), [])):
-                xl = xleft + k * (lay.img_w + 2)
-                canvas.paste(im.convert("RGB"), (xl, ytop))
-                boxes.append({"row": r, "col": c, "index": k, "box": [xl, ytop, xl + im.width, ytop + im.height]})
-    return canvas, boxes
-
-
-def pages(n_rows: int, n_cols: int, cell_w: int, cell_h: int, max_px: int, margin: int = 200) -> list[tuple]:
-    """Split rows x cols into pages whose images stay within ``max_px`` per side: [(rows, cols)]."""
-    per_col = max(1, (max_px - margin) // max(1, cell_w))
-    per_row = max(1, (max_px - margin) // max(1, cell_h))
-    out = []
-    for r0 in range(0, n_rows, per_row):
-        for c0 in range(0, n_cols, per_col):
-            out.append((list(range(r0, min(n_rows, r0 + per_row))), list(range(c0, min(n_cols, c0 + per_col)))))
-    return out
-
+# ---- labels --------------------------------------------------------------------------------------------
 
 def _labels(axis: Axis | None) -> list[str]:
     if axis is None:
@@ -298,49 +183,78 @@ def run_grid(spec: GridSpec, out: str | Path, *, device: str | None = None, dtyp
              progress: bool = True, cache=None) -> dict:
     """Generate (resumably) and draw the grid into ``out``; returns the grid.json dict.
     ``cache``: a :class:`~harness.generate.pipes.PipelineCache` to reuse loaded checkpoints."""
-    from PIL import Image
-
-    from harness.provenance import record as provenance
-
     out = Path(out)
     plan = plan_grid(spec)
     counts = run_jobs(ordered_jobs(plan), out, batch_size=spec.batch_size, device=device, dtype=dtype,
                       allow_pickle=allow_pickle, progress=progress, cache=cache)
-    ax, ay, az = plan.axes["x"], plan.axes["y"], plan.axes["z"]
-    col_labels, row_labels, z_labels = _labels(ax), _labels(ay), _labels(az)
+    az = plan.axes["z"]
+    labels = _labels(plan.axes["x"]), _labels(plan.axes["y"]), _labels(az)
     legend = _legend(plan)
     page_records, z_first = [], []
-    for zi in range(len(z_labels)):
-        def load(c: Cell) -> list:
-            return [Image.open(out / j.file).convert("RGB") for j in c.jobs]
-        zcells = [c for c in plan.cells if c.z == zi]
-        lay = Layout(max(c.params["width"] for c in zcells), max(c.params["height"] for c in zcells),
-                     len(zcells[0].jobs))
-        splits = pages(len(row_labels), len(col_labels), lay.cell_w + lay.gap, lay.img_h + lay.gap,
-                       spec.max_grid_px)
-        for pi, (rows, cols) in enumerate(splits):
-            imgs = {(r, c): load(plan.cell(cc, rr, zi)) for r, rr in enumerate(rows) for c, cc in enumerate(cols)}
-            title = z_labels[zi] if az else ""
-            if len(splits) > 1:
-                title = f"{title}  (page {pi + 1} of {len(splits)})".strip()
-            canvas, boxes = draw_grid(imgs, [col_labels[c] for c in cols], [row_labels[r] for r in rows],
-                                      title=title, legend=legend)
-            name = f"grid_z{zi}_p{pi}.png" if (az or len(splits) > 1) else "grid.png"
-            save_image(out / name, canvas)
-            for b in boxes:
-                cell = plan.cell(cols[b["col"]], rows[b["row"]], zi)
-                b.update(x=cell.x, y=cell.y, seed=cell.jobs[b["index"]].params["seed"])
-            page_records.append({"z": zi, "page": pi, "file": name, "rows": rows, "cols": cols,
-                                 "width": canvas.width, "height": canvas.height,
-                                 "boxes": [{k: b[k] for k in ("x", "y", "seed", "box")} for b in boxes]})
-            if pi == 0:
-                z_first.append(canvas)
+    for zi in range(len(labels[2])):
+        records, first = _draw_z(plan, out, zi, labels, legend)
+        page_records += records
+        if first is not None:
+            z_first.append(first)
     overview = None
     if az is not None:
         overview = "overview.png"
-        save_image(out / overview, draw_overview(z_first, z_labels, spec.max_grid_px))
+        save_image(out / overview, draw_overview(z_first, labels[2], spec.max_grid_px))
+    data = _grid_record(plan, page_records, overview, legend, counts)
+    atomic_write_json(out / "grid.json", data)
+    return data
+
+
+def _draw_z(plan: GridPlan, out: Path, zi: int, labels: tuple[list[str], list[str], list[str]],
+            legend: list[str]) -> tuple[list[dict], object]:
+    """Draw and save z value ``zi``'s pages (one unless it is too large for ``max_grid_px``).
+    Returns their ``grid.json`` records and the first page (for the overview)."""
+    from PIL import Image
+
+    col_labels, row_labels, z_labels = labels
+    az = plan.axes["z"]
+
+    def load(c: Cell) -> list:
+        return [Image.open(out / j.file).convert("RGB") for j in c.jobs]
+    zcells = [c for c in plan.cells if c.z == zi]
+    lay = Layout(max(c.params["width"] for c in zcells), max(c.params["height"] for c in zcells),
+                 len(zcells[0].jobs))
+    splits = pages(len(row_labels), len(col_labels), lay.cell_w + lay.gap, lay.img_h + lay.gap,
+                   plan.spec.max_grid_px)
+    records, first = [], None
+    for pi, (rows, cols) in enumerate(splits):
+        imgs = {(r, c): load(plan.cell(cc, rr, zi)) for r, rr in enumerate(rows) for c, cc in enumerate(cols)}
+        title = z_labels[zi] if az else ""
+        if len(splits) > 1:
+            title = f"{title}  (page {pi + 1} of {len(splits)})".strip()
+        canvas, boxes = draw_grid(imgs, [col_labels[c] for c in cols], [row_labels[r] for r in rows],
+                                  title=title, legend=legend)
+        name = f"grid_z{zi}_p{pi}.png" if (az or len(splits) > 1) else "grid.png"
+        save_image(out / name, canvas)
+        records.append(_page_record(plan, zi, pi, name, rows, cols, canvas, boxes))
+        if pi == 0:
+            first = canvas
+    return records, first
+
+
+def _page_record(plan: GridPlan, zi: int, pi: int, name: str, rows: list[int], cols: list[int], canvas,
+                 boxes: list[dict]) -> dict:
+    """A page's ``grid.json`` entry: its file, size and every image's box named by cell and seed."""
+    for b in boxes:
+        cell = plan.cell(cols[b["col"]], rows[b["row"]], zi)
+        b.update(x=cell.x, y=cell.y, seed=cell.jobs[b["index"]].params["seed"])
+    return {"z": zi, "page": pi, "file": name, "rows": rows, "cols": cols,
+            "width": canvas.width, "height": canvas.height,
+            "boxes": [{k: b[k] for k in ("x", "y", "seed", "box")} for b in boxes]}
+
+
+def _grid_record(plan: GridPlan, page_records: list[dict], overview: str | None, legend: list[str],
+                 counts: dict) -> dict:
+    """The ``grid.json`` dict (see the module docstring)."""
+    from harness.provenance import record as provenance
+
     data = {
-        "version": 1, "spec": _jsonable(asdict(spec)), "fixed": {k: v for k, v in plan.cells[0].params.items()},
+        "version": 1, "spec": _jsonable(asdict(plan.spec)), "fixed": {k: v for k, v in plan.cells[0].params.items()},
         "axes": {k: (None if a is None else {"name": a.name, "values": _jsonable(list(a.values)),
                                              "labels": list(a.labels), "search": a.search})
                  for k, a in plan.axes.items()},
@@ -356,7 +270,6 @@ def run_grid(spec: GridSpec, out: str | Path, *, device: str | None = None, dtyp
             for key in (("width", "height") if a.name == "size" else
                         ("prompt",) if a.name == "prompt_sr" else (_param_of(a.name),)):
                 data["fixed"].pop(key, None)
-    atomic_write_json(out / "grid.json", data)
     return data
 
 
@@ -372,34 +285,3 @@ def _jsonable(obj):
     if isinstance(obj, dict):
         return {k: _jsonable(v) for k, v in obj.items()}
     return obj
-
-
-def save_image(path: Path, image) -> None:
-    import io
-
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def draw_overview(grids: list, labels: list[str], max_px: int):
-    """All z grids side by side, scaled to fit ``max_px`` wide, each under its z label."""
-    from PIL import Image, ImageDraw
-
-    scale = min(1.0, max_px / max(1, sum(g.width for g in grids) + 8 * len(grids)))
-    scale = min(scale, max_px / max(g.height for g in grids))
-    thumbs = [g.resize((max(1, int(g.width * scale)), max(1, int(g.height * scale))), Image.LANCZOS) for g in grids]
-    fnt = font(16)
-    head = 28
-    w = sum(t.width for t in thumbs) + 8 * (len(thumbs) + 1)
-    h = max(t.height for t in thumbs) + head + 8
-    canvas = Image.new("RGB", (w, h), "white")
-    draw = ImageDraw.Draw(canvas)
-    x = 8
-    for t, lab in zip(thumbs, labels):
-        text = wrap(lab, fnt, t.width)[0]
-        draw.text((x, 6), text, fill="black", font=fnt)
-        canvas.paste(t, (x, head))
-        x += t.width + 8
-    return canvas
-

@@ -21,13 +21,19 @@ log = logging.getLogger(__name__)
 
 
 def strength_for_timestep(pipe, timestep: int, steps: int, scheduler: str | None = None) -> float:
-    """The strength whose remaining schedule starts at the first timestep <= ``timestep``."""
+    """The largest strength whose remaining schedule starts at a timestep <= ``timestep`` (so a
+    refine "from t = 500" never runs a step above 500; schedules such as PNDM's repeat a timestep,
+    so the start is found on the actual slice, not by counting)."""
     n_train = pipe.scheduler.config.num_train_timesteps
     if not 0 <= int(timestep) < n_train:
         raise ConfigError(f"timestep must be in [0, {n_train}); got {timestep}")
-    sched, ts = schedule(pipe, scheduler, steps)
-    run = int((ts[:: sched.order] <= int(timestep)).sum())
-    return min(1.0, (run + 1e-6) / steps)
+    templates: dict = {}
+    for run in range(steps, 0, -1):
+        strength = min(1.0, (run + 1e-6) / steps)
+        _, ts = schedule(pipe, scheduler, steps, strength, _templates=templates)
+        if len(ts) and int(ts[0]) <= int(timestep):
+            return strength
+    return 0.0
 
 
 @torch.inference_mode()
@@ -64,7 +70,7 @@ def refine_to_dir(pipe, image_paths: Sequence[str | Path], prompt: str, out: str
     """Refine files into ``out``: one PNG per (image, strength) with parameters, a sweep grid
     (rows: images, columns: input then each strength) and ``refine.json``."""
     from harness.generate.batch import save_png
-    from harness.generate.grid import draw_grid, save_image
+    from harness.generate.grid_draw import draw_grid, save_image
     from harness.generate.images import open_image
     from harness.generate.sample import to_pil
     from harness.io import atomic_write_json
@@ -95,5 +101,8 @@ def refine_to_dir(pipe, image_paths: Sequence[str | Path], prompt: str, out: str
                                   f"seed: {samples[0].seed}, scheduler: {kwargs.get('scheduler') or 'default'}"])
     save_image(out / "sweep.png", canvas)
     data = {"version": 1, "images": records, "sweep": "sweep.png", "provenance": provenance(kind="refine")}
+    if hasattr(pipe.unet, "specs"):  # a chain of timestep experts: who owned what, and what each ran
+        data["experts"] = [{"source": s.source, "t_min": s.t_min, "t_max": s.t_max} for s in pipe.unet.specs]
+        data["denoised_by"] = dict(pipe.unet.calls)
     atomic_write_json(out / "refine.json", data)
     return data

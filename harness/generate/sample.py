@@ -168,6 +168,116 @@ def _takes_generator(scheduler) -> bool:
     return "generator" in inspect.signature(scheduler.step).parameters
 
 
+@dataclass
+class _Loop:
+    """Per-sample state of the denoising loop: scheduler, timesteps to run, current latent, CPU generator,
+    step index and the step a callback stopped it at (None while it runs)."""
+
+    scheds: list = field(default_factory=list)
+    timesteps: list = field(default_factory=list)
+    latents: list = field(default_factory=list)
+    gens: list = field(default_factory=list)
+    k: list[int] = field(default_factory=list)
+    stopped_at: list[int | None] = field(default_factory=list)
+
+
+def _start(pipe, samples: Sequence[Sample], h: int, w: int, scheduler: str | None,
+           init_latents: torch.Tensor | None, noise: torch.Tensor | None) -> _Loop:
+    """Each sample's scheduler, timesteps and starting latent, in sample order (so the seeds' noise is
+    drawn in order): its seed's noise (or ``noise``) scaled by the scheduler's initial sigma, or for
+    strength < 1 its ``init_latents`` noised to the first timestep it runs."""
+    device, dtype = pipe.unet.device, pipe.unet.dtype
+    channels = pipe.unet.config.in_channels
+    run, templates = _Loop(k=[0] * len(samples), stopped_at=[None] * len(samples)), {}
+    for i, s in enumerate(samples):
+        sched, ts = schedule(pipe, scheduler, s.steps, s.strength, _templates=templates)
+        eps0, gen = initial_noise(s.seed, (channels, h, w), device, dtype)
+        if noise is not None:
+            eps0 = noise[i:i + 1].to(device, dtype)
+        if s.strength < 1.0:
+            if init_latents is None:
+                raise ConfigError(f"sample {i} has strength {s.strength} < 1 but no init_latents were given")
+            x0 = init_latents[i:i + 1].to(device, dtype)
+            lat = sched.add_noise(x0, eps0, ts[:1]) if len(ts) else x0
+        else:
+            lat = eps0 * sched.init_noise_sigma
+        run.scheds.append(sched)
+        run.timesteps.append(ts)
+        run.latents.append(lat)
+        run.gens.append(gen)
+    return run
+
+
+def _guided_eps_fn(pipe, cond: Conditioning, lora_scale: float | None) -> Callable:
+    """The default noise estimate: classifier-free guidance with each sample's own scale."""
+    cak = {"scale": lora_scale} if lora_scale is not None else None
+
+    def eps_fn(x, t, idx):
+        return guided_noise(pipe.unet, x, t, cond, idx, cak)
+
+    return eps_fn
+
+
+def _guided_step(run: _Loop, active: list[int], eps_fn: Callable, after_step: Callable | None,
+                 device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """One batched noise estimate for the ``active`` samples, then each one's scheduler step (and
+    ``after_step``). Returns the timesteps, the noise estimates and each sample's predicted clean latent."""
+    t_vec = torch.stack([run.timesteps[i][run.k[i]] for i in active]).to(device)
+    x_in = torch.cat([run.scheds[i].scale_model_input(run.latents[i], run.timesteps[i][run.k[i]]) for i in active])
+    eps = eps_fn(x_in, t_vec, active)
+    x0s = []
+    for j, i in enumerate(active):
+        sched, t = run.scheds[i], run.timesteps[i][run.k[i]]
+        extra = {"generator": run.gens[i]} if _takes_generator(sched) else {}
+        out = sched.step(eps[j:j + 1], t, run.latents[i], **extra)
+        x0 = getattr(out, "pred_original_sample", None)
+        x0s.append(x0 if x0 is not None else predict_x0(sched, run.latents[i], eps[j:j + 1], t))
+        run.latents[i] = out.prev_sample
+        if after_step is not None:
+            run.latents[i] = after_step(i, sched, run.k[i], run.latents[i])
+    return t_vec, eps, x0s
+
+
+def _callback_state(pipe, it: int, run: _Loop, active: list[int], t_vec: torch.Tensor, eps: torch.Tensor,
+                    x0s: list[torch.Tensor]) -> dict:
+    """The state dict callbacks see after loop iteration ``it`` (see :func:`denoise`)."""
+    return {"step": it, "samples": list(active), "sample_steps": [run.k[i] for i in active],
+            "num_steps": [len(run.timesteps[i]) for i in active], "timesteps": t_vec,
+            "latents": torch.cat([run.latents[i] for i in active]), "noise_pred": eps,
+            "pred_x0": torch.cat(x0s), "pipe": pipe}
+
+
+def _stop_mask(callbacks: Sequence[Callable[[dict], object]], state: dict) -> list[bool]:
+    """Every callback sees ``state``; a sample stops when any of them asks it to."""
+    stop = [False] * len(state["samples"])
+    for cb in callbacks:
+        mask = cb(state)
+        if mask is not None:
+            stop = [a or bool(b) for a, b in zip(stop, list(mask), strict=True)]
+    return stop
+
+
+def _advance(run: _Loop, active: list[int], stop: list[bool], x0s: list[torch.Tensor]) -> list[int]:
+    """Count the step; a stopped sample keeps its predicted clean latent. Returns the samples still running."""
+    for j, i in enumerate(active):
+        run.k[i] += 1
+        if stop[j] and run.k[i] < len(run.timesteps[i]):
+            run.stopped_at[i] = run.k[i] - 1
+            run.latents[i] = x0s[j]
+    return [i for i in active if run.k[i] < len(run.timesteps[i]) and run.stopped_at[i] is None]
+
+
+def _finish(pipe, samples: Sequence[Sample], run: _Loop, decode: bool) -> Output:
+    """Final latents (warning about non-finite ones) and, with ``decode``, their images."""
+    final = torch.cat(run.latents)
+    finite = [bool(torch.isfinite(x).all()) for x in run.latents]
+    for i, ok in enumerate(finite):
+        if not ok:
+            log.warning("sample %d (seed %d) has non-finite latents", i, samples[i].seed)
+    images = decode_latents(pipe, final) if decode else None
+    return Output(latents=final, images=images, stopped_at=run.stopped_at, finite=finite)
+
+
 @torch.inference_mode()
 def denoise(pipe, samples: Sequence[Sample], *, width: int = 512, height: int = 512, scheduler: str | None = None,
             lora_scale: float | None = None, init_latents: torch.Tensor | None = None,
@@ -189,81 +299,28 @@ def denoise(pipe, samples: Sequence[Sample], *, width: int = 512, height: int = 
     after_step: ``after_step(i, scheduler, k, latent) -> latent`` applied after sample i's step k.
     """
     h, w = _check_size(pipe, width, height)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
     n = len(samples)
     if n == 0:
         raise ConfigError("nothing to generate: the sample list is empty")
-    channels = pipe.unet.config.in_channels
-    scheds, steps_, latents, gens, templates = [], [], [], [], {}
-    for i, s in enumerate(samples):
-        sched, ts = schedule(pipe, scheduler, s.steps, s.strength, _templates=templates)
-        eps0, gen = initial_noise(s.seed, (channels, h, w), device, dtype)
-        if noise is not None:
-            eps0 = noise[i:i + 1].to(device, dtype)
-        if s.strength < 1.0:
-            if init_latents is None:
-                raise ConfigError(f"sample {i} has strength {s.strength} < 1 but no init_latents were given")
-            x0 = init_latents[i:i + 1].to(device, dtype)
-            lat = sched.add_noise(x0, eps0, ts[:1]) if len(ts) else x0
-        else:
-            lat = eps0 * sched.init_noise_sigma
-        scheds.append(sched)
-        steps_.append(ts)
-        latents.append(lat)
-        gens.append(gen)
+    run = _start(pipe, samples, h, w, scheduler, init_latents, noise)
     if cond is None:
         cond = conditioning(pipe, [s.prompt for s in samples], [s.negative_prompt for s in samples],
                             [s.guidance_scale for s in samples], lora_scale=lora_scale)
-    cak = {"scale": lora_scale} if lora_scale is not None else None
     if eps_fn is None:
-        def eps_fn(x, t, idx):
-            return guided_noise(pipe.unet, x, t, cond, idx, cak)
+        eps_fn = _guided_eps_fn(pipe, cond, lora_scale)
 
-    k = [0] * n
-    stopped_at: list[int | None] = [None] * n
-    active = [i for i in range(n) if len(steps_[i])]
-    total = max(len(ts) for ts in steps_)
+    active = [i for i in range(n) if len(run.timesteps[i])]
+    total = max(len(ts) for ts in run.timesteps)
     bar = tqdm(total=total, desc="denoise", disable=not progress, leave=False)
     it = 0
     while active:
-        t_vec = torch.stack([steps_[i][k[i]] for i in active]).to(device)
-        x_in = torch.cat([scheds[i].scale_model_input(latents[i], steps_[i][k[i]]) for i in active])
-        eps = eps_fn(x_in, t_vec, active)
-        x0s = []
-        for j, i in enumerate(active):
-            t = steps_[i][k[i]]
-            extra = {"generator": gens[i]} if _takes_generator(scheds[i]) else {}
-            out = scheds[i].step(eps[j:j + 1], t, latents[i], **extra)
-            x0 = getattr(out, "pred_original_sample", None)
-            x0s.append(x0 if x0 is not None else predict_x0(scheds[i], latents[i], eps[j:j + 1], t))
-            latents[i] = out.prev_sample
-            if after_step is not None:
-                latents[i] = after_step(i, scheds[i], k[i], latents[i])
-        state = {"step": it, "samples": list(active), "sample_steps": [k[i] for i in active],
-                 "num_steps": [len(steps_[i]) for i in active], "timesteps": t_vec,
-                 "latents": torch.cat([latents[i] for i in active]), "noise_pred": eps,
-                 "pred_x0": torch.cat(x0s), "pipe": pipe}
-        stop = [False] * len(active)
-        for cb in callbacks:
-            mask = cb(state)
-            if mask is not None:
-                stop = [a or bool(b) for a, b in zip(stop, list(mask), strict=True)]
-        for j, i in enumerate(active):
-            k[i] += 1
-            if stop[j] and k[i] < len(steps_[i]):
-                stopped_at[i] = k[i] - 1
-                latents[i] = x0s[j]
-        active = [i for i in active if k[i] < len(steps_[i]) and stopped_at[i] is None]
+        t_vec, eps, x0s = _guided_step(run, active, eps_fn, after_step, pipe.unet.device)
+        stop = _stop_mask(callbacks, _callback_state(pipe, it, run, active, t_vec, eps, x0s))
+        active = _advance(run, active, stop, x0s)
         it += 1
         bar.update(1)
     bar.close()
-    final = torch.cat(latents)
-    finite = [bool(torch.isfinite(x).all()) for x in latents]
-    for i, ok in enumerate(finite):
-        if not ok:
-            log.warning("sample %d (seed %d) has non-finite latents", i, samples[i].seed)
-    images = decode_latents(pipe, final) if decode else None
-    return Output(latents=final, images=images, stopped_at=stopped_at, finite=finite)
+    return _finish(pipe, samples, run, decode)
 
 
 @torch.inference_mode()

@@ -75,7 +75,7 @@ class XrayRecorder:
 
 def strip(previews: list[dict], records: list[dict], size: int, max_cols: int = 20):
     """One image: columns = (up to ``max_cols`` evenly spaced) steps, rows = preview kinds."""
-    from harness.generate.grid import draw_grid
+    from harness.generate.grid_draw import draw_grid
 
     n = len(previews)
     cols = sorted({round(i * (n - 1) / max(1, min(n, max_cols) - 1)) for i in range(min(n, max_cols))})
@@ -103,7 +103,7 @@ def xray(pipe, prompt: str, *, out: str | Path | None = None, seeds=(0,), steps:
     """Generate ``prompt`` for each seed, recording every step. Returns one trace dict per seed; with
     ``out`` also writes the traces, per-step previews, strips and final images there."""
     from harness.generate.batch import save_png
-    from harness.generate.grid import save_image
+    from harness.generate.grid_draw import save_image
     from harness.io import atomic_write_json
 
     samples = [Sample(prompt=prompt, seed=int(s), guidance_scale=guidance_scale, negative_prompt=negative_prompt,
