@@ -13,6 +13,9 @@ import pytest
 import torch
 
 from harness.world import digits as D
+from harness.world import digits_data as DD
+from harness.world import digits_judges as DJ
+from harness.world import digits_sd as DS
 
 pytestmark = pytest.mark.slow
 
@@ -41,10 +44,10 @@ def _row(results, metric, subset, role):
 
 
 def test_base_samples_are_the_prompted_digit(world):
-    pipe = D.load_pipeline(world / "sd")
+    pipe = DS.load_pipeline(world / "sd")
     labels = [i % 10 for i in range(100)]
-    images = D.sample(pipe, [D.caption(v) for v in labels], seed=0, steps=20, cfg=4.0)
-    acc = D.prompted_accuracy(images, labels)
+    images = DS.sample(pipe, [DD.caption(v) for v in labels], seed=0, steps=20, cfg=4.0)
+    acc = DJ.prompted_accuracy(images, labels)
     assert acc > 0.3, f"base samples are the prompted digit {acc:.0%} of the time (chance 10%)"
 
 
@@ -54,19 +57,19 @@ def test_judges_recognise_digits_and_styles(world):
     from harness.caption.blip import load_captioner
     from harness.models.tiny import load_yolo_dir
 
-    ink, y = D.load_ink()
-    _, held = D.split_indices(len(y), 0)
+    ink, y = DD.load_ink()
+    _, held = DD.split_indices(len(y), 0)
     idx = torch.from_numpy(held[:150])
-    images, labels, styles = D.styled_batch(ink, y, idx, D.all_styles(), torch.Generator().manual_seed(7), shift=0)
+    images, labels, styles = DD.styled_batch(ink, y, idx, DD.all_styles(), torch.Generator().manual_seed(7), shift=0)
     clip, _, _ = open_clip.create_model_and_transforms(f"local-dir:{world / 'clip'}")
-    digit_acc, style_acc = D.clip_caption_accuracy(clip.eval(), images, labels, styles, D.all_styles())
+    digit_acc, style_acc = DJ.clip_caption_accuracy(clip.eval(), images, labels, styles, DD.all_styles())
     assert digit_acc > 0.4 and style_acc > 0.8, (digit_acc, style_acc)
     model, processor = load_captioner(str(world / "blip"))
-    caps = D.blip_captions(model, processor, images[:60])
-    truth = [D.caption(d, D.all_styles()[s]) for d, s in zip(labels[:60], styles[:60])]
+    caps = DJ.blip_captions(model, processor, images[:60])
+    truth = [DD.caption(d, DD.all_styles()[s]) for d, s in zip(labels[:60], styles[:60])]
     assert np.mean([c.endswith(t.split(" in ", 1)[1]) for c, t in zip(caps, truth)]) > 0.6  # the style
     assert np.mean([c == t for c, t in zip(caps, truth)]) > 0.2  # digit and style exactly (chance 1%)
-    assert D.detector_accuracy(load_yolo_dir(world / "yolo"), images[:100], labels[:100]) > 0.3
+    assert DJ.detector_accuracy(load_yolo_dir(world / "yolo"), images[:100], labels[:100]) > 0.3
 
 
 def test_demo_numbers_point_the_right_way(demo):

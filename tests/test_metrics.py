@@ -12,7 +12,8 @@ from PIL import Image
 from harness.errors import HarnessError, UnsafeCheckpointError
 from harness.metrics import frechet
 from harness.metrics.clip_score import CLIPScore, clip_scores
-from harness.metrics.cluster_kl import ClusterKL, YoloDetector
+from harness.metrics.cluster_kl import ClusterKL
+from harness.metrics.detector import YoloDetector
 from harness.metrics.features import (
     ModuleExtractor,
     folder_features,
@@ -393,3 +394,30 @@ def test_cli_score_json_and_errors(zoo_dir, tmp_path, capsys):
     assert capsys.readouterr().out.startswith("clip_score = ")
     assert main(["score", "fid", str(a), str(b), "--extractor", "inception"]) == 2
     assert "torch-fidelity" in capsys.readouterr().err
+
+
+def test_cluster_kl_interval_contains_its_estimate_on_identical_sets():
+    """Two identical sets have KL 0; a plain percentile bootstrap put the interval above it."""
+    od = canvases(40, 1)
+    res = _cluster_kl(list(od), od).compute_ci(n_boot=100)
+    assert res["value"] == pytest.approx(0.0, abs=1e-12)
+    assert res["ci_low"] == 0.0 <= res["value"] <= res["ci_high"]
+    for k, (lo, hi) in res["ci"].items():
+        assert lo <= res[k] <= hi, k
+
+
+def test_cluster_kl_paired_difference_null_and_planted():
+    """BM and TM drawn alike (two seed sets of one model): the permutation interval of
+    KL(OD||TM) - KL(OD||BM) straddles 0; a planted change in TM moves it above 0."""
+    od = canvases(40, 1)
+    null = _cluster_kl(canvases(40, 2), od)
+    null.update(canvases(40, 3), "bm")
+    d0 = null.compute_ci(n_boot=200)["paired_diff"]
+    assert d0["n_pairs"] == 40 and d0["ci_low"] <= d0["diff"] <= d0["ci_high"]
+    assert d0["ci_low"] < 0 < d0["ci_high"]
+    planted = _cluster_kl(canvases(40, 2, planted=1.0), od)
+    planted.update(canvases(40, 3), "bm")
+    d1 = planted.compute_ci(n_boot=200)["paired_diff"]
+    assert d1["ci_low"] > 0 and d1["diff"] > 0.5
+    with pytest.raises(HarnessError, match="2 pair ids for 3 images"):
+        planted.update(canvases(3, 4), "tm", pairs=[0, 1])

@@ -9,7 +9,8 @@ from _metrics_helpers import canvases, shape_detector
 from PIL import Image
 
 from harness.errors import HarnessError
-from harness.metrics.cluster_kl import ClusterKL, YoloDetector, letterbox
+from harness.metrics.cluster_kl import ClusterKL
+from harness.metrics.detector import YoloDetector, letterbox
 
 
 @pytest.fixture(scope="module")

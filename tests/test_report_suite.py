@@ -12,7 +12,7 @@ from _report_helpers import make_dataset, make_fake_run
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.eval import gates, plan
 from harness.eval.suite import load_suite, suite_identity
-from harness.eval.verdict import paired_set_bootstrap
+from harness.eval.verdict import paired_set_permutation
 from harness.report.compare import collect, compare_runs, table
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -154,18 +154,18 @@ def test_gates_evaluate():
     assert not gates.evaluate(s, rows, ck)[0][1].passed
 
 
-def test_paired_set_bootstrap_identical_candidate_is_exactly_zero():
+def test_paired_set_permutation_identical_candidate_is_exactly_zero():
     rng = np.random.default_rng(0)
     ref, base = rng.normal(size=(20, 4)), rng.normal(size=(12, 4))
 
     def stat(a, b):
         return float(np.sum((a.mean(0) - b.mean(0)) ** 2))
 
-    assert paired_set_bootstrap(stat, ref, base, base.copy(), n_boot=50) == (0.0, 0.0, 0.0)
-    d, lo, hi = paired_set_bootstrap(stat, ref, base, base + 3.0, n_boot=200)
+    assert paired_set_permutation(stat, ref, base, base.copy(), n_perm=50) == (0.0, 0.0, 0.0)
+    d, lo, hi = paired_set_permutation(stat, ref, base, base + 3.0, n_perm=200)
     assert d > 0 and 0 < lo < d < hi
     with pytest.raises(ValueError, match="paired rows"):
-        paired_set_bootstrap(stat, ref, base, base[:3])
+        paired_set_permutation(stat, ref, base, base[:3])
 
 
 def test_compare_table_and_steps(tmp_path):

@@ -10,88 +10,27 @@ processes generated them. Three kinds of metric:
   together), since both sides share the reference;
 * cluster KL: the detector-embedding-cluster divergence between the reference (original data), the
   base and each candidate, with its per-class breakdown.
+
+The set-level metrics live in :mod:`harness.eval.set_scoring`; the shared inputs (:class:`Scoring`)
+and the row format in :mod:`harness.eval.score_rows`. This module dispatches each metric to its kind.
 """
 
 from __future__ import annotations
 
-import inspect
 import logging
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from harness.errors import ConfigError, HarnessError
+from harness.errors import ConfigError
 from harness.eval import layout
-from harness.eval.plan import Checkpoint, Item
+from harness.eval.score_rows import Scoring, _f, row, set_diff
+from harness.eval.set_scoring import cluster_kl, set_metric
 from harness.eval.suite import Suite
-from harness.eval.verdict import paired_bootstrap_diff, paired_set_bootstrap, verdict
-from harness.metrics.features import file_features
+from harness.eval.verdict import paired_mean_diff
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Scoring:
-    """Inputs shared by every metric, and what they produce."""
-
-    run_dir: Path
-    suite: Suite
-    ckpts: list[Checkpoint]
-    items: list[Item]
-    per_image: list[dict]  # one record per checkpoint x item, in checkpoint-major item order
-    reference: list[Path]
-    cache_dir: Path
-    device: str = "cpu"
-    progress: bool = False
-    allow_pickle: bool = False
-    rows: list[dict] = field(default_factory=list)
-    breakdowns: dict = field(default_factory=dict)
-    notes: list[str] = field(default_factory=list)
-    _extractors: dict = field(default_factory=dict)
-
-    @property
-    def base(self) -> Checkpoint:
-        return self.ckpts[0]
-
-    def records(self, label: str, subset: str) -> list[dict]:
-        return [r for r in self.per_image if r["checkpoint"] == label and r["subset"] == subset]
-
-    def usable(self, label: str, subset: str) -> list[dict]:
-        """Records whose image exists and whose latents were finite (NaN/Inf samples are marked, not scored)."""
-        return [r for r in self.records(label, subset) if not r["nonfinite"] and r.get("image")]
-
-    def path(self, r: dict) -> Path:
-        return layout.resolve(self.run_dir, r["image"])
-
-    def extractor(self, spec: str):
-        if spec not in self._extractors:
-            from harness.metrics.features import get_extractor
-
-            self._extractors[spec] = get_extractor(spec, device=self.device)
-        return self._extractors[spec]
-
-
-def row(ckpt: Checkpoint, label: str, name: str, subset: str, value, ci_low, ci_high, n, hib, note=None) -> dict:
-    return {"checkpoint": ckpt.label, "role": ckpt.role, "step": ckpt.step, "metric": label, "metric_name": name,
-            "subset": subset, "value": _f(value), "ci_low": _f(ci_low), "ci_high": _f(ci_high), "n": n,
-            "higher_is_better": hib, "diff": None, "diff_ci_low": None, "diff_ci_high": None, "verdict": None,
-            "note": note}
-
-
-def _f(v):
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-def set_diff(r: dict, diff: tuple[float, float, float], margin: float) -> None:
-    d, lo, hi = diff
-    r.update(diff=_f(d), diff_ci_low=_f(lo), diff_ci_high=_f(hi),
-             verdict=verdict(_f(lo), _f(hi), r["higher_is_better"], margin))
 
 
 # --- per-image metrics ------------------------------------------------------------------------
@@ -114,7 +53,7 @@ def per_image_rows(sc: Scoring, label: str, name: str, key: str, subsets: Sequen
             if ck.role == "base":
                 base_vals = vals
             elif base_vals is not None and len(base_vals) == len(vals):
-                set_diff(r, paired_bootstrap_diff(base_vals, vals, n_boot=ci.n_boot, alpha=ci.alpha, seed=ci.seed),
+                set_diff(r, paired_mean_diff(base_vals, vals, n_perm=ci.n_boot, alpha=ci.alpha, seed=ci.seed),
                          ci.margin)
             sc.rows.append(r)
 
@@ -145,82 +84,6 @@ def clip_score(sc: Scoring, label: str, name: str, cls, settings: dict, subsets:
             for r, s in zip(todo, scores):
                 r[key] = s
     per_image_rows(sc, label, name, key, subsets, hib=True)
-
-
-# --- set-vs-set metrics -----------------------------------------------------------------------
-
-def _statistic(metric):
-    """The metric's set statistic; KID's bootstrap uses fewer subsets per replicate (as its own CI does)."""
-    if "subsets" in inspect.signature(metric.statistic).parameters:
-        return lambda a, b: metric.statistic(a, b, subsets=10)
-    return metric.statistic
-
-
-def _canon(x: np.ndarray) -> np.ndarray:
-    """float64 rows in an order fixed by their values (subset draws then do not depend on file order)."""
-    from harness.metrics.base import canonical_order
-
-    x = np.asarray(x, dtype=np.float64)
-    return x[canonical_order(x)]
-
-
-def set_metric(sc: Scoring, label: str, name: str, cls, settings: dict, subsets: Sequence[str]) -> None:
-    if not sc.reference:
-        raise ConfigError(f"metric {label!r} ({name}) compares with reference images: give the suite a "
-                          "'reference' (a folder, or heldout: true with --data)")
-    ci = sc.suite.ci
-    settings = dict(settings)
-    n_boot = int(settings.pop("n_boot", min(ci.n_boot, 100)))
-    spec = settings.pop("extractor", None) or f"clip:{sc.suite.models.clip}"
-    ext = sc.extractor(spec) if isinstance(spec, str) else spec
-    ref = file_features(sc.reference, ext, sc.cache_dir, desc="reference features", progress=sc.progress)
-    for subset in subsets:
-        feats: dict[str, dict[tuple[int, int], np.ndarray]] = {}
-        for ck in sc.ckpts:
-            recs = sc.usable(ck.label, subset)
-            x = file_features([sc.path(r) for r in recs], ext, sc.cache_dir, desc=f"features {ck.label}/{subset}",
-                              progress=sc.progress)
-            feats[ck.label] = {(r["index"], r["seed"]): f for r, f in zip(recs, x)}
-            m = cls(ext, **settings)
-            note = None
-            try:
-                m.update_features(ref, real=True)
-                m.update_features(x, real=False)
-                res = m.compute_ci(n_boot=n_boot, alpha=ci.alpha, seed=ci.seed)
-            except HarnessError as e:
-                res, note = {"value": None, "ci_low": None, "ci_high": None}, str(e)
-            note = "; ".join([*(res.get("warnings") or []), *([note] if note else [])]) or None
-            r = row(ck, label, name, subset, res.get("value"), res.get("ci_low"), res.get("ci_high"), len(x),
-                    bool(getattr(cls, "higher_is_better", False)), note)
-            if ck.role == "candidate" and res.get("value") is not None:
-                base_f = feats[sc.base.label]
-                pairs = sorted(set(base_f) & set(feats[ck.label]))  # images usable in both
-                b_ = np.stack([base_f[k] for k in pairs]) if pairs else np.zeros((0, x.shape[1]))
-                c_ = np.stack([feats[ck.label][k] for k in pairs]) if pairs else b_
-                set_diff(r, paired_set_bootstrap(_statistic(m), _canon(ref), b_.astype(np.float64),
-                                                 c_.astype(np.float64), n_boot=n_boot, alpha=ci.alpha, seed=ci.seed),
-                         ci.margin)
-            sc.rows.append(r)
-        _too_few(sc, label, name, cls, ext, ref, subset, feats)
-
-
-def _too_few(sc: Scoring, label, name, cls, ext, ref, subset, feats) -> None:
-    """FID below the feature dimension is biased and unstable: say so, and point to KID on the same
-    features (added here unless the suite already computes it)."""
-    from harness.metrics.fid import FID, KID
-
-    if not issubclass(cls, FID):
-        return
-    n = min(len(ref), *(len(v) for v in feats.values()))
-    if n >= ext.dim:
-        return
-    kid = next((lab for lab in sc.suite.metrics if sc.suite.metric_name(lab) == "kid"
-                and subset in sc.suite.subsets_of(lab)), None)
-    sc.notes.append(f"{label} ({subset}): {n} images per set with {ext.dim}-dimensional features; FID needs more "
-                    f"images than feature dimensions (>= 2048 for Inception): read KID ({kid or label + ':kid'}) "
-                    "instead")
-    if kid is None:
-        set_metric(sc, f"{label}:kid", "kid", KID, {"extractor": ext, "subset_size": max(2, min(n, 1000))}, [subset])
 
 
 # --- dispatch --------------------------------------------------------------------------------
@@ -384,59 +247,3 @@ def _heatmap(sc: Scoring, cls, settings: dict, r: dict) -> None:
         blended = Image.fromarray(overlay(img.permute(1, 2, 0).numpy(), heat))
         atomic_write(out, lambda f: blended.save(f, format="PNG"))
     r["heatmap"] = layout.rel(sc.run_dir, out)
-
-
-# --- cluster KL (harness.metrics) ----------------------------------------------------------------
-
-def cluster_kl(sc: Scoring, label: str, name: str, cls, settings: dict, subsets: Sequence[str]) -> None:
-    """OD = the reference images, BM = the base model's, TM = each candidate's. The base row holds
-    KL(OD||BM), a candidate's row KL(OD||TM); the per-class breakdown goes to ``breakdowns``."""
-    from harness.eval.verdict import diff_from_intervals
-    from harness.metrics.cluster_kl import YoloDetector
-    from harness.metrics.images import load_image
-
-    if not sc.reference:
-        raise ConfigError(f"metric {label!r} (cluster KL) needs reference images (the original data): give the "
-                          "suite a 'reference'")
-    settings = dict(settings)
-    ci = sc.suite.ci
-    det_key = ("detector", settings.get("detector") or sc.suite.models.detector)
-    if det_key not in sc._extractors:
-        sc._extractors[det_key] = YoloDetector(det_key[1], conf=float(settings.get("conf", 0.25)),
-                                               imgsz=int(settings.pop("imgsz", 640)), device=sc.device,
-                                               allow_pickle=sc.allow_pickle)
-    settings.pop("detector", None)
-    detector = sc._extractors[det_key]
-    embedder = settings.pop("embedder", None) or f"clip:{sc.suite.models.clip}"
-    # "detector": ClusterKL pools the detector's own features per box; anything else is a feature extractor.
-    embedder = embedder if embedder == "detector" else sc.extractor(embedder)
-    od = [load_image(p) for p in sc.reference]
-    for subset in subsets:
-        bm = [load_image(sc.path(r)) for r in sc.usable(sc.base.label, subset)]
-        base_row = None
-        for ck in sc.ckpts[1:]:
-            m = cls(detector, embedder, seed=ci.seed, **settings)
-            m.update(od, set="od")
-            m.update(bm, set="bm")
-            m.update([load_image(sc.path(r)) for r in sc.usable(ck.label, subset)], set="tm")
-            res = m.compute_ci(n_boot=ci.n_boot, alpha=ci.alpha, seed=ci.seed)
-            cis = res.get("ci", {})
-            note = "; ".join(res.get("warnings") or []) or None
-            if base_row is None:
-                lo, hi = cis.get("kl_od_bm", [None, None])
-                base_row = row(sc.base, label, name, subset, res.get("kl_od_bm"), lo, hi, len(bm), False, note)
-                sc.rows.append(base_row)
-            lo, hi = cis.get("kl_od_tm", [None, None])
-            extra = ", ".join(f"{k}={res[k]:.3g}" for k in ("kl_bm_tm", "js_od_tm", "class_kl_od_tm")
-                              if isinstance(res.get(k), (int, float)))
-            r = row(ck, label, name, subset, res.get("value"), lo, hi, res.get("n_b"), False,
-                    "; ".join(x for x in (extra, note) if x) or None)
-            if r["value"] is not None and base_row["value"] is not None:
-                set_diff(r, diff_from_intervals(base_row["value"], _nan(base_row["ci_low"]), _nan(base_row["ci_high"]),
-                                                r["value"], _nan(r["ci_low"]), _nan(r["ci_high"])), ci.margin)
-            sc.rows.append(r)
-            sc.breakdowns.setdefault(label, {})[f"{ck.label} ({subset})"] = res.get("per_class", [])
-
-
-def _nan(v) -> float:
-    return math.nan if v is None else float(v)

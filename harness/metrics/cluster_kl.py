@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchmetrics import Metric
 
-from harness.errors import HarnessError, UnsafeCheckpointError
+from harness.errors import HarnessError
 from harness.metrics.base import canonical_order, cat_state, record
+from harness.metrics.bootstrap import RECENTRED, recentred_interval
+from harness.metrics.detector import DetectorFeatures, as_detections, crop_boxes
 from harness.metrics.features import get_extractor
 from harness.metrics.images import to_batch
 
@@ -73,136 +74,6 @@ def clusters_for(n: int, k_max: int = 20) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# detectors
-
-
-def as_detections(d) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    boxes, classes, scores = d
-    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return boxes, np.asarray(classes, dtype=np.int64).reshape(-1), np.asarray(scores, dtype=np.float64).reshape(-1)
-
-
-class YoloDetector:
-    """An ultralytics detector as ``images -> [(boxes, classes, scores)]``.
-
-    ``model``: a ``YOLO`` object, a zoo folder (``model-t.yaml`` + ``model.safetensors``), a ``.yaml``
-    (random weights), or a ``.pt`` file (a pickle: needs ``allow_pickle=True``).
-    """
-
-    def __init__(self, model, *, conf: float = 0.25, imgsz: int = 640, allow_pickle: bool = False,
-                 device: str = "cpu"):
-        import os
-
-        os.environ.setdefault("YOLO_OFFLINE", "1")
-        self.conf, self.imgsz, self.device = conf, imgsz, device
-        self.model, self.identity = self._load(model, allow_pickle)
-        self.names = dict(getattr(self.model, "names", {}) or {})
-
-    @staticmethod
-    def _load(model, allow_pickle):
-        if not isinstance(model, (str, Path)):
-            return model, f"yolo:{type(model).__name__}"
-        from harness.models.tiny import load_yolo_dir
-
-        p = Path(model)
-        if p.is_dir():
-            if not (p / "model-t.yaml").is_file():
-                raise HarnessError(f"{p}: not a detector folder (expected model-t.yaml + model.safetensors)")
-            return load_yolo_dir(p), f"yolo:{p.resolve()}"
-        if p.suffix in (".yaml", ".yml"):
-            from ultralytics import YOLO
-
-            return YOLO(str(p), task="detect"), f"yolo:{p.name}:random"
-        if not allow_pickle:
-            raise UnsafeCheckpointError(f"{model}: ultralytics .pt files are pickles that can run code; "
-                                        "pass allow_pickle=True (--allow-pickle) if you trust it")
-        from ultralytics import YOLO
-
-        try:
-            return YOLO(str(model)), f"yolo:{model}"
-        except Exception as e:
-            raise HarnessError(f"{model}: cannot load the detector ({type(e).__name__}: {e})".split("\n")[0]) from e
-
-    def __call__(self, images: list[Image.Image]):
-        results = self.model.predict(images, conf=self.conf, imgsz=self.imgsz, device=self.device, verbose=False)
-        out = []
-        for r in results:
-            b = r.boxes
-            out.append((b.xyxy.cpu().numpy(), b.cls.cpu().numpy().astype(int), b.conf.cpu().numpy()))
-        return out
-
-    @torch.no_grad()
-    def box_features(self, images: list[Image.Image], boxes: list[np.ndarray], batch_size: int = 16) -> list:
-        """The detector's own per-box features: its neck's feature maps (what the Detect head reads,
-        captured with a forward pre-hook) average-pooled inside each box with ``roi_align`` at every
-        level, levels concatenated. Images are letterboxed to ``imgsz`` as predict does; ``boxes`` are
-        xyxy in the original image's pixels. Returns one float32 [n_boxes, D] tensor per image."""
-        from torchvision.ops import roi_align
-        from ultralytics.nn.modules.head import Detect
-
-        net = self.model.model if hasattr(self.model, "predict") else self.model
-        head = next((m for m in net.modules() if isinstance(m, Detect)), None)
-        if head is None:
-            raise HarnessError(f"{self.identity}: no Detect head found; detector features need a YOLO detector")
-        param = next(net.parameters())
-        captured: list = []
-        hook = head.register_forward_pre_hook(lambda _m, args: captured.append([t.float() for t in args[0]]))
-        out = []
-        try:
-            for i in range(0, len(images), batch_size):
-                chunk = images[i:i + batch_size]
-                x, places = zip(*(letterbox(im, self.imgsz) for im in chunk))
-                captured.clear()
-                net(torch.stack(x).to(param.device, param.dtype))
-                rois = [torch.as_tensor(np.asarray(b, dtype=np.float32).reshape(-1, 4)) * g + torch.tensor(
-                    [px, py, px, py]) for b, (g, px, py) in zip(boxes[i:i + batch_size], places)]
-                rois = [r.to(param.device) for r in rois]
-                levels = [roi_align(f, rois, output_size=(2, 2), spatial_scale=1.0 / float(st), sampling_ratio=2,
-                                    aligned=True).mean(dim=(2, 3)) for f, st in zip(captured[0], head.stride)]
-                feats = torch.cat(levels, dim=1).cpu()
-                out.extend(feats.split([len(r) for r in rois]))
-        finally:
-            hook.remove()
-        return out
-
-
-def letterbox(image: Image.Image, size: int, fill: int = 114) -> tuple[torch.Tensor, tuple[float, float, float]]:
-    """Resize the long side to ``size`` (aspect kept) and centre on a ``size`` square of grey, as
-    ultralytics' LetterBox does; returns the [3, size, size] float tensor in [0, 1] and (gain, pad_x, pad_y)."""
-    w, h = image.size
-    gain = size / max(w, h)
-    nw, nh = max(1, round(w * gain)), max(1, round(h * gain))
-    px, py = (size - nw) // 2, (size - nh) // 2
-    canvas = Image.new("RGB", (size, size), (fill, fill, fill))
-    canvas.paste(image.convert("RGB").resize((nw, nh), Image.BILINEAR), (px, py))
-    x = torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)
-    return x, (nw / w, float(px), float(py))
-
-
-class DetectorFeatures:
-    """``embedder="detector"``: per-box features from the detector itself (see
-    :meth:`YoloDetector.box_features`) instead of embedding crops with a separate model."""
-
-    def __init__(self, detector):
-        if not hasattr(detector, "box_features"):
-            raise HarnessError(f"cluster_kl: embedder='detector' needs a detector with box_features() (such as "
-                               f"YoloDetector); got {type(detector).__name__}")
-        self.detector = detector
-        self.identity = f"detector-features:{getattr(detector, 'identity', type(detector).__name__)}"
-
-
-def crop_boxes(img: np.ndarray, boxes: np.ndarray, min_size: int) -> list[np.ndarray]:
-    """Crops (HxWx3 uint8) inside the image; boxes narrower than ``min_size`` px give None."""
-    h, w = img.shape[:2]
-    crops = []
-    for x0, y0, x1, y1 in boxes:
-        a, b = max(int(np.floor(x0)), 0), max(int(np.floor(y0)), 0)
-        c, d = min(int(np.ceil(x1)), w), min(int(np.ceil(y1)), h)
-        crops.append(img[b:d, a:c] if (c - a) >= min_size and (d - b) >= min_size else None)
-    return crops
-
-
-# ---------------------------------------------------------------------------------------------
 # the metric
 
 
@@ -234,20 +105,29 @@ class ClusterKL(Metric):
         self.add_state("emb", default=[], dist_reduce_fx="cat")
         self.add_state("cls", default=[], dist_reduce_fx="cat")
         self.add_state("set_id", default=[], dist_reduce_fx="cat")
+        self.add_state("crop_pair", default=[], dist_reduce_fx="cat")  # pair id of each crop's image
+        self.add_state("image_pair", default=[], dist_reduce_fx="cat")  # [set id, pair id] of every image
         self.add_state("n_images", torch.zeros(len(SETS), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("n_boxes", torch.zeros(len(SETS), dtype=torch.long), dist_reduce_fx="sum")
 
     @torch.no_grad()
-    def update(self, images, set: str) -> None:  # type: ignore[override]  # noqa: A002
+    def update(self, images, set: str, pairs=None) -> None:  # type: ignore[override]  # noqa: A002
+        """``pairs``: one integer per image naming what it shares with an image of the other model
+        (its prompt and seed), for :meth:`paired_diff`; default: its position in this set."""
         if set not in SETS:
             raise HarnessError(f"cluster_kl: set must be one of {', '.join(SETS)}, got {set!r}")
         sid = SETS.index(set)
         arrays = _rgb_arrays(images)
+        start = int(self.n_images[sid])
+        pairs = list(range(start, start + len(arrays))) if pairs is None else [int(x) for x in pairs]
+        if len(pairs) != len(arrays):
+            raise HarnessError(f"cluster_kl: {len(pairs)} pair ids for {len(arrays)} images")
+        self.image_pair.append(torch.tensor([[sid, x] for x in pairs], dtype=torch.long).reshape(-1, 2))
         dets = self.detector([Image.fromarray(np.ascontiguousarray(a)) for a in arrays])
         if len(dets) != len(arrays):
             raise HarnessError(f"cluster_kl: the detector returned {len(dets)} results for {len(arrays)} images")
-        crops, classes, kept_boxes = [], [], []
-        for a, d in zip(arrays, dets):
+        crops, classes, kept_boxes, crop_pair = [], [], [], []
+        for a, d, pair in zip(arrays, dets, pairs):
             boxes, cls, scores = as_detections(d)
             keep = scores >= self.conf
             mine = []
@@ -255,6 +135,7 @@ class ClusterKL(Metric):
                 if c is not None:
                     crops.append(np.ascontiguousarray(c))
                     classes.append(int(k))
+                    crop_pair.append(pair)
                     mine.append(box)
             kept_boxes.append(np.asarray(mine, dtype=np.float64).reshape(-1, 4))
         self.n_images[sid] += len(arrays)
@@ -268,16 +149,18 @@ class ClusterKL(Metric):
             self.emb.append(e)
             self.cls.append(torch.tensor(classes, dtype=torch.long))
             self.set_id.append(torch.full((len(crops),), sid, dtype=torch.long))
+            self.crop_pair.append(torch.tensor(crop_pair, dtype=torch.long))
 
     def _crops(self):
         emb = cat_state(self.emb).cpu().numpy()
         cls = cat_state(self.cls).cpu().numpy().astype(np.int64).reshape(-1)
         sid = cat_state(self.set_id).cpu().numpy().astype(np.int64).reshape(-1)
+        pair = cat_state(self.crop_pair).cpu().numpy().astype(np.int64).reshape(-1)
         if len(emb) == 0:
-            return emb, cls, sid
+            return emb, cls, sid, pair
         key = np.concatenate([sid[:, None], cls[:, None], emb], axis=1)
         order = canonical_order(key)
-        return emb[order], cls[order], sid[order]
+        return emb[order], cls[order], sid[order], pair[order]
 
     def _cells(self, emb, cls) -> tuple[np.ndarray, list[tuple[int, int]], dict]:
         """Cluster each class; return the cell index of every crop, the cell list and per-class k."""
@@ -342,7 +225,7 @@ class ClusterKL(Metric):
         return sorted(rows, key=lambda r: -r.get(key, 0) if key != "class" else r["class"])
 
     def _analyse(self):
-        emb, cls, sid = self._crops()
+        emb, cls, sid, pair = self._crops()
         present = [s for i, s in enumerate(SETS) if int(self.n_images[i]) > 0]
         empty = [s for i, s in enumerate(SETS) if int(self.n_images[i]) > 0 and int(self.n_boxes[i]) == 0]
         warnings = [f"no detections above conf={self.conf} in {s.upper()} ({int(self.n_images[SETS.index(s)])} "
@@ -351,14 +234,14 @@ class ClusterKL(Metric):
             log.warning("cluster_kl: %s", w)
         usable = [s for s in present if s not in empty]
         if len(emb) == 0 or len(usable) < 2:
-            return None, {}, [], {}, warnings
+            return None, {}, [], {}, warnings, None
         cell, cells, ks = self._cells(emb, cls)
         counts = {s: np.bincount(cell[sid == SETS.index(s)], minlength=len(cells)).astype(np.float64)
                   for s in usable}
-        return counts, self._divergences(counts, cells), cells, ks, warnings
+        return counts, self._divergences(counts, cells), cells, ks, warnings, (cell, sid, pair)
 
     def compute(self) -> dict:
-        counts, div, cells, ks, warnings = self._analyse()
+        counts, div, cells, ks, warnings, _crops = self._analyse()
         names = [f"{k}_{a}_{b}" for a, b in PAIRS for k in ("kl", "js", "class_kl")]
         out = {n: div.get(n) for n in names}
         out.update({
@@ -370,11 +253,49 @@ class ClusterKL(Metric):
         })
         return out
 
+    def paired_diff(self, counts: dict, cells, crops, *, n_perm: int = 1000, alpha: float = 0.05,
+                    seed: int = 0) -> dict | None:
+        """KL(OD||TM) - KL(OD||BM) with a permutation-null interval (the verdict's statistic).
+
+        BM and TM images are paired by the ids given to :meth:`update` (same prompt and seed). If the
+        two models make the same distribution, swapping a pair's two images changes nothing in
+        distribution: each replicate swaps a fair coin's share of the pairs (all their crops change
+        set; the clusters stay fixed) and recomputes the difference. The interval is the difference
+        ± the test's critical value: it contains the difference, and excludes 0 exactly when the
+        permutation test rejects at ``alpha``. None without both BM and TM crops or with < 2 pairs."""
+        if crops is None or not {"od", "bm", "tm"} <= set(counts):
+            return None
+        cell, sid, pair = crops
+        ip = cat_state(self.image_pair).cpu().numpy().astype(np.int64).reshape(-1, 2)
+        bm, tm = SETS.index("bm"), SETS.index("tm")
+        shared = np.intersect1d(ip[ip[:, 0] == bm, 1], ip[ip[:, 0] == tm, 1])
+        if len(shared) < 2:
+            return None
+        od = np.bincount(cell[sid == SETS.index("od")], minlength=len(cells)).astype(np.float64)
+        movable = np.isin(sid, (bm, tm)) & np.isin(pair, shared)
+
+        def diff(s: np.ndarray) -> float:
+            b = np.bincount(cell[s == bm], minlength=len(cells)).astype(np.float64)
+            t = np.bincount(cell[s == tm], minlength=len(cells)).astype(np.float64)
+            return kl(smooth(od, self.alpha), smooth(t, self.alpha)) - kl(smooth(od, self.alpha), smooth(b, self.alpha))
+
+        d = diff(sid)
+        rng = np.random.default_rng(seed)
+        null = []
+        for _ in range(n_perm):
+            flip = np.isin(pair, shared[rng.random(len(shared)) < 0.5]) & movable
+            null.append(diff(np.where(flip, bm + tm - sid, sid)))
+        # critical |d| with the observed value a member of the permutation set (exact; see eval.verdict)
+        q = float(np.quantile(np.abs(np.concatenate([[d], null])), 1 - alpha, method="higher"))
+        return {"diff": d, "ci_low": d - q, "ci_high": d + q, "n_pairs": int(len(shared)),
+                "n_perm": n_perm, "method": "permutation null: paired BM/TM images swapped, clusters fixed"}
+
     def compute_ci(self, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
-        """Bootstrap over crops within each set (clusters held fixed): multinomial resampling of cell counts."""
+        """Bootstrap over crops within each set (clusters held fixed): multinomial resampling of cell
+        counts, recentred on the estimate; plus :meth:`paired_diff` for the verdict."""
         with self.sync_context():
             res = self.compute()
-            counts, _div, cells, _ks, _w = self._analyse()
+            counts, _div, cells, _ks, _w, crops = self._analyse()
             ci = {}
             if counts:
                 rng = np.random.default_rng(seed)
@@ -383,16 +304,18 @@ class ClusterKL(Metric):
                     rc = {s: rng.multinomial(int(v.sum()), v / v.sum()).astype(np.float64) for s, v in counts.items()}
                     for k, v in self._divergences(rc, cells).items():
                         reps.setdefault(k, []).append(v)
-                for k, v in reps.items():
-                    lo, hi = np.quantile(np.asarray(v), [alpha / 2, 1 - alpha / 2])
-                    ci[k] = [float(lo), float(hi)]
+                full = self._divergences(counts, cells)
+                for k, v in reps.items():  # recentred: a resample of crops always looks further apart
+                    lo, hi, _sd = recentred_interval(full[k], v, alpha, lower=0.0)
+                    ci[k] = [lo, hi]
             head = ci.get("kl_od_tm", [None, None])
             n = res["n_images"]
             extra = {k: v for k, v in res.items() if k not in ("value", "warnings")}
+            extra["paired_diff"] = self.paired_diff(counts or {}, cells, crops, n_perm=n_boot, alpha=alpha, seed=seed)
             extra.update({"ci": ci, "n_boot": n_boot, "alpha": alpha, "conf": self.conf, "smoothing": self.alpha,
                           "pca_dim": self.pca_dim, "k_max": self.k_max, "seed": self.seed,
                           "embedder": self.embedder.identity, "extractor": self.embedder.identity,
                           "detector": getattr(self.detector, "identity", type(self.detector).__name__),
-                          "ci_method": "bootstrap over crops, clusters fixed", "units": "nats"})
+                          "ci_method": f"{RECENTRED}; crops resampled, clusters fixed", "units": "nats"})
             return record("cluster_kl", res["value"], n_a=n["od"], n_b=n["tm"], warnings=res["warnings"],
                           ci={"ci_low": head[0], "ci_high": head[1]}, extra=extra)

@@ -41,6 +41,7 @@ class FeatureSetMetric(Metric):
     full_state_update = False
     default_extractor = "inception"
     keeps_features = True
+    lower_bound: float | None = None  # the statistic's floor, where it has one (FID: 0); clips intervals
 
     def __init__(self, extractor=None, *, num_features: int | None = None, max_samples: int = 50_000,
                  feature_dtype: torch.dtype = torch.float32, seed: int = 0, **kwargs):
@@ -139,7 +140,8 @@ class FeatureSetMetric(Metric):
             self._check_counts()
             real, fake = self.features("real"), self.features("fake")
             value = float(self.statistic(real, fake))
-            ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed)
+            ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed,
+                              lower=self.lower_bound, estimate=value)
             n_a, n_b = self.counts()
             return record(self.metric_name, value, n_a=n_a, n_b=n_b, ci=ci, warnings=self._warnings(),
                           extra=self._describe())
@@ -157,6 +159,7 @@ class FID(FeatureSetMetric):
     """Fréchet distance between Gaussians fitted to the two sets' features (running float64 sums)."""
 
     keeps_features = False
+    lower_bound = 0.0
 
     def __init__(self, extractor=None, *, ci_samples: int = 5000, **kwargs):
         super().__init__(extractor, **kwargs)
@@ -222,7 +225,7 @@ class FID(FeatureSetMetric):
             ci: dict = {}
             if self.ci_samples:
                 real, fake = self.features("real", "real_ci"), self.features("fake", "fake_ci")
-                ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed)
+                ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed, lower=0.0)
                 m_a, m_b = len(real), len(fake)
                 if (m_a, m_b) != (n_a, n_b) and ci["ci_low"] is not None:
                     # Reservoir smaller than the set: centre on the full value, shrink the spread as 1/sqrt(n).
@@ -268,7 +271,7 @@ class KID(FeatureSetMetric):
                                degree=self.degree, coef=self.coef, seed=self.seed)
             # Fewer subsets per replicate: the bootstrap already averages over resamples.
             ci = bootstrap_ci(lambda a, b: self.statistic(a, b, subsets=10), [real, fake],
-                              n_boot=n_boot, alpha=alpha, seed=seed)
+                              n_boot=n_boot, alpha=alpha, seed=seed, estimate=m)
             n_a, n_b = self.counts()
             return record("kid", m, n_a=n_a, n_b=n_b, ci=ci, warnings=self._warnings(),
                           extra={**self._describe(), "kid_std": s, "subsets": self.subsets,

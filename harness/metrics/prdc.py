@@ -35,6 +35,8 @@ class PRDC(FeatureSetMetric):
             self._check_counts(self.k + 1)
             real, fake = self.features("real"), self.features("fake")
             value = self.statistic(real, fake)
-            ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed)
+            # precision, recall and coverage are shares; density (a mean count ratio) has no upper bound
+            ci = bootstrap_ci(self.statistic, [real, fake], n_boot=n_boot, alpha=alpha, seed=seed, lower=0.0,
+                              upper={"precision": 1.0, "recall": 1.0, "coverage": 1.0}, estimate=value)
             n_a, n_b = self.counts()
             return record("prdc", value, n_a=n_a, n_b=n_b, ci=ci, extra={**self._describe(), "k": self.k})

@@ -99,7 +99,8 @@ def score_cluster_kl(od, tm, bm=None, *, detector, embedder: str = "clip:ViT-B-3
                      allow_pickle: bool = False, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0,
                      batch_size: int = 32, device: str = "cpu", **kwargs) -> dict:
     """Cluster KL between folders OD (original data), TM (trained model) and optionally BM (base model)."""
-    from harness.metrics.cluster_kl import ClusterKL, YoloDetector
+    from harness.metrics.cluster_kl import ClusterKL
+    from harness.metrics.detector import YoloDetector
 
     det = detector if callable(detector) else YoloDetector(detector, conf=conf, allow_pickle=allow_pickle,
                                                            device=device)

@@ -194,14 +194,16 @@ def build_tiny_yolo(out_dir: str | Path, seed: int = 0, nc: int = 10, names: lis
 
 
 def load_yolo_dir(path: str | Path, seed: int = 0, _weights: bool = True):
-    """An ultralytics ``YOLO`` built from ``model-t.yaml`` with weights from ``model.safetensors``."""
-    import os
+    """An ultralytics ``YOLO`` built from ``model-t.yaml`` (checked first: see ``yolo_config``) with
+    weights from ``model.safetensors``."""
+    from harness.models.yolo_config import check_yolo_yaml, ultralytics_env
 
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    ultralytics_env()
     from safetensors.torch import load_file
     from ultralytics import YOLO
 
     path = Path(path)
+    check_yolo_yaml(path / "model-t.yaml")
     torch.manual_seed(seed)
     model = YOLO(str(path / "model-t.yaml"), task="detect")
     if _weights:

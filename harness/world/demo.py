@@ -19,6 +19,7 @@ import numpy as np
 from harness.errors import HarnessError
 from harness.io import atomic_write_json
 from harness.world import digits as D
+from harness.world import digits_data as DD
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +42,20 @@ class DemoResult:
     shift: dict = field(default_factory=dict)  # detector-cluster KL base->fine-tune vs base->base
 
 
-def write_demo_data(root: str | Path, seed: int = 0, style: tuple[str, str] = D.DEMO_STYLE) -> Path:
+def write_demo_data(root: str | Path, seed: int = 0, style: tuple[str, str] = DD.DEMO_STYLE) -> Path:
     """The held-out digits (never seen by the base model) restyled, as ROOT/train and ROOT/val PNGs.
 
     Returns ``root``. Images only: captions come from the captioner, as they would for a user."""
     from PIL import Image
 
     root = Path(root)
-    ink, y = D.load_ink()
-    _, held = D.split_indices(len(y), seed)
-    images = D.to_uint8(D.render_style(ink[held], style))
+    ink, y = DD.load_ink()
+    _, held = DD.split_indices(len(y), seed)
+    images = DD.to_uint8(DD.render_style(ink[held], style))
     n_val = int(round(len(held) * VAL_FRACTION))
     for i, (img, label) in enumerate(zip(images, y[held])):
         split = "val" if i < n_val else "train"
-        path = root / split / f"{i:04d}_{D.DIGIT_WORDS[label]}.png"
+        path = root / split / f"{i:04d}_{DD.DIGIT_WORDS[label]}.png"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(img).save(path)
@@ -80,7 +81,7 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
     recipe, suite = _require(RECIPE, "recipe"), _require(SUITE, "eval suite")
     log.info("demo 1/5: the digits world (cached after the first build)")
     world = D.digits_world(cfg, world_dir)
-    log.info("demo 2/5: restyled held-out digits (%s ink on %s paper) -> %s", *D.DEMO_STYLE, out / "data")
+    log.info("demo 2/5: restyled held-out digits (%s ink on %s paper) -> %s", *DD.DEMO_STYLE, out / "data")
     data = write_demo_data(out / "data", cfg.seed)
     log.info("demo 3/5: captioning them with the world's BLIP, suffix %r", SUFFIX)
     summary = caption_folder(data, model=str(world / "blip"), suffix=SUFFIX, num_beams=1, max_new_tokens=24,
@@ -114,7 +115,8 @@ def distribution_shift(eval_dir: Path, world: Path, subset: str = "in_domain", s
 
     from harness.eval import layout
     from harness.io import read_jsonl
-    from harness.metrics.cluster_kl import ClusterKL, YoloDetector
+    from harness.metrics.cluster_kl import ClusterKL
+    from harness.metrics.detector import YoloDetector
 
     recs = [r for r in read_jsonl(eval_dir / layout.PER_IMAGE) if r["subset"] == subset and r.get("image")]
     load = lambda r: np.asarray(Image.open(eval_dir / r["image"]).convert("RGB"))  # noqa: E731
@@ -123,7 +125,7 @@ def distribution_shift(eval_dir: Path, world: Path, subset: str = "in_domain", s
     half = min(len(base), len(cand)) // 2
     if half < 2:
         return {}
-    detector = YoloDetector(str(world / "yolo"), imgsz=D.YOLO_SIZE)
+    detector = YoloDetector(str(world / "yolo"), imgsz=DD.YOLO_SIZE)
 
     def kl(a, b) -> float | None:
         m = ClusterKL(detector, embedder=f"clip:{world / 'clip'}", seed=seed)
