@@ -14,6 +14,7 @@ Phases (each with its own progress bar on the main process):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,6 +28,7 @@ from harness.eval import layout, plan
 from harness.eval.suite import Suite, load_suite, suite_identity
 from harness.eval.verdict import GateResult
 from harness.io import atomic_write_json, atomic_write_text
+from harness.lock import run_lock
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,13 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
     identity = suite_identity(suite, suite_path)
     items = plan.prompt_items(suite, suite_path, data)
     ckpts = plan.checkpoints(base, list(candidates), allow_pickle=allow_pickle)
+    # one writer per run folder; the other processes of this run write under the main one's lock
+    with run_lock(run_dir, "harness eval") if main else contextlib.nullcontext():
+        return _run(run_dir, suite, suite_path, identity, ckpts, items, data, state, device, allow_pickle, progress)
+
+
+def _run(run_dir, suite, suite_path, identity, ckpts, items, data, state, device, allow_pickle, progress):
+    main = state.is_main_process
     if main:
         ckpts = plan.with_hashes(ckpts)
         plan.check_run_dir(run_dir, identity, ckpts)  # refuses a folder of another suite or checkpoint

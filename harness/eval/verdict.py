@@ -36,7 +36,7 @@ def paired_mean_diff(base: Sequence[float], cand: Sequence[float], *, n_perm: in
     sign-flip permutation test: ``mean ± q``, where q is the critical |mean| when each pair's two
     images are swapped by a fair coin. If the two models are one distribution, each difference is as
     likely to have either sign, so "better/worse" comes out at most ``alpha`` of the time, at any N
-    (the percentile bootstrap is too narrow at small N: 7% false verdicts at N = 30). Pairing
+    (the percentile bootstrap is too narrow at small N: 5.5-7% false verdicts at N = 30). Pairing
     removes the prompt-to-prompt spread, so this is much tighter than comparing two independent
     intervals."""
     a = np.asarray(base, dtype=np.float64)
