@@ -223,3 +223,17 @@ def test_report_and_compare_commands(run, setup, tmp_path, capsys):
         from harness.report.compare import compare_runs
 
         compare_runs([run.run_dir], metrics=["nope"])
+
+
+@pytest.mark.slow
+def test_metric_without_a_value_gives_a_gate_not_evaluated_not_fail(setup, tmp_path, capsys):
+    """One in-domain image a side: KID is not computed ("needs at least 2 images"), so its gate is
+    "not evaluated": exit 0 with a warning, exit 2 under --strict, never FAIL."""
+    out = tmp_path / "one"
+    small = ("--set", "seeds=[0]", "--set", "prompts.in_domain.limit=1", "--no-report")
+    assert cli_main(_eval_args(setup, out, *small)) == 0
+    res = json.loads((out / layout.RESULTS).read_text())
+    kid = [g for g in res["gates"] if g["gate"] == "kid_clip"]
+    assert kid and not any(g["evaluated"] for g in kid) and "at least 2" in kid[0]["reason"]
+    assert "not evaluated" in capsys.readouterr().err
+    assert cli_main(_eval_args(setup, out, *small, "--strict")) == 2

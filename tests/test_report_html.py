@@ -118,3 +118,30 @@ def test_renders_in_headless_chromium(fake_run, tmp_path):
     px = chromium_screenshot(path, tmp_path / "shot.png")
     assert px.shape[0] >= 800 and px.shape[1] >= 1100
     assert px.std() > 5.0, "the screenshot is blank"
+
+
+def test_header_says_no_gates_and_uncomputed_rows_say_why(tmp_path):
+    """A suite without gates never reads "all passed"; a metric without a value says "not computed"
+    and why, and a gate on it "not evaluated" (never a literal None)."""
+    import json
+
+    run = make_fake_run(tmp_path, hostile_dir=False)
+    res = json.loads((run / "results.json").read_text())
+    res.update(gates=[], gates_passed=None)
+    (run / "results.json").write_text(json.dumps(res))
+    html = report_html.write_report(run).read_text()
+    assert "no gates" in html and "all passed" not in html
+
+    cand = next(r for r in res["rows"] if r["role"] == "candidate" and r["metric"] == "fid_clip")
+    cand.update(value=None, ci_low=None, ci_high=None, diff=None, verdict=None, note="needs at least 2 images per set")
+    res.update(gates=[{"gate": "fid_clip", "rule": "max", "threshold": 1.0, "checkpoint": "cand", "subset": "domain",
+                       "value": None, "passed": False, "evaluated": False, "reason": "needs at least 2 images per set"}],
+               gates_passed=None)
+    run_json = json.loads((run / "run.json").read_text())
+    run_json.setdefault("suite_config", {})["gates"] = {"fid_clip": {"max": 1.0}}
+    (run / "run.json").write_text(json.dumps(run_json))
+    (run / "results.json").write_text(json.dumps(res))
+    html = report_html.write_report(run).read_text()
+    assert "not computed: needs at least 2 images per set" in html
+    assert "not evaluated: needs at least 2 images per set" in html and "none evaluated" in html
+    assert ">None<" not in html and "FAILED" not in html

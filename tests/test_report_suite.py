@@ -150,8 +150,15 @@ def test_gates_evaluate():
     assert "gate 'artifact_score' not evaluated: the metric was skipped" in notes
     text = gates.format_table([g for g in res if not g.passed])
     assert "fid_clip" in text and "FAIL" in text and "max_increase" in text
-    rows[2]["value"] = None  # computed but undefined: fails rather than passing silently
-    assert not gates.evaluate(s, rows, ck)[0][1].passed
+    # a metric with no value (too few images, ...): "not evaluated", neither a pass nor a FAIL
+    rows[2].update(value=None, note="needs at least 2 images per set, got 1")
+    res, notes = gates.evaluate(s, rows, ck)
+    assert [(g.checkpoint, g.evaluated, g.result) for g in res] == [("a", True, "pass"), ("c", False, "not evaluated")]
+    assert res[1].reason == "needs at least 2 images per set, got 1"
+    assert any("on c (in_domain) not evaluated: needs at least 2 images" in n for n in notes)
+    assert "not evaluated" in gates.format_table(res)
+    rows[0]["value"] = None  # a relative gate also needs the base's value
+    assert not any(g.evaluated for g in gates.evaluate(s, rows, ck)[0])
 
 
 def test_paired_set_permutation_identical_candidate_is_exactly_zero():

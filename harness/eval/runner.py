@@ -41,6 +41,7 @@ class EvalResult:
     generated: int = 0
     skipped: int = 0
     report: Path | None = None  # set by harness.report.evaluate when it renders the run
+    not_evaluated: list[GateResult] = field(default_factory=list)  # gates on a metric with no value
 
     @property
     def exit_code(self) -> int:
@@ -110,8 +111,10 @@ def _run(run_dir, suite, suite_path, identity, ckpts, items, data, state, device
     results, per_image = score_all(run_dir, suite, suite_path, ckpts, items, data, device=device, progress=progress,
                                    allow_pickle=allow_pickle)
     write_results(run_dir, results, per_image)
-    failed = [GateResult(**g) for g in results["gates"] if not g["passed"]]
-    return EvalResult(run_dir, results, failed, counts["generated"], counts["skipped"])
+    gates = [GateResult(**g) for g in results["gates"]]
+    failed = [g for g in gates if g.evaluated and not g.passed]
+    return EvalResult(run_dir, results, failed, counts["generated"], counts["skipped"],
+                      not_evaluated=[g for g in gates if not g.evaluated])
 
 
 # --- plan ------------------------------------------------------------------------------------
@@ -293,11 +296,18 @@ def score_all(run_dir: Path, suite: Suite, suite_path, ckpts, items, data, *, de
         "schema": layout.RESULTS_SCHEMA, "suite": suite_identity(suite, suite_path),
         "checkpoints": [asdict(c) for c in ckpts], "rows": sc.rows, "breakdowns": sc.breakdowns,
         "surfaces": surfaces, "grids": _grid_pages(run_dir, suite, ckpts), "xray": _xray_records(run_dir, ckpts, items),
-        "gates": [asdict(g) for g in gate_results], "gates_passed": all(g.passed for g in gate_results),
+        "gates": [asdict(g) for g in gate_results], "gates_passed": _gates_passed(gate_results),
         "notes": sc.notes, "counts": {"images": len(per_image), "reference": len(sc.reference), "nonfinite": bad},
         "provenance": record(kind="eval", seeds=list(suite.seeds), device=device),
     }
     return results, per_image
+
+
+def _gates_passed(gates: list[GateResult]) -> bool | None:
+    """True / False over the gates that could be evaluated; None when there are none (no gates, or
+    none with a value), so nothing claims "all passed" without a check behind it."""
+    done = [g for g in gates if g.evaluated]
+    return all(g.passed for g in done) if done else None
 
 
 def _grid_records(run_dir: Path, suite: Suite, ckpts) -> list[tuple[str, str, dict, Path]]:

@@ -70,6 +70,9 @@ def _f(v):
 
 
 def set_diff(r: dict, diff: tuple[float, float, float], margin: float) -> None:
-    d, lo, hi = diff
-    r.update(diff=_f(d), diff_ci_low=_f(lo), diff_ci_high=_f(hi),
-             verdict=verdict(_f(lo), _f(hi), r["higher_is_better"], margin))
+    d, lo, hi = (_f(x) for x in diff)
+    # a zero-width interval around a nonzero difference measures no noise (e.g. one image a side):
+    # it is shown, but never turned into a verdict
+    degenerate = lo is not None and hi is not None and lo == hi and d not in (None, 0.0)
+    r.update(diff=d, diff_ci_low=lo, diff_ci_high=hi,
+             verdict="inconclusive" if degenerate else verdict(lo, hi, r["higher_is_better"], margin))

@@ -142,6 +142,12 @@ class GateResult:
     subset: str
     value: float       # what was compared with the threshold (the metric, or its change from base)
     passed: bool
+    evaluated: bool = True  # False: the metric has no value here (too few images, ...): neither pass nor FAIL
+    reason: str | None = None  # why it was not evaluated
+
+    @property
+    def result(self) -> str:
+        return "not evaluated" if not self.evaluated else "pass" if self.passed else "FAIL"
 
     def describe(self) -> str:
         op = ">=" if self.rule in ("min", "min_mean") else "<="

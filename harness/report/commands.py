@@ -35,6 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--allow-pickle", action="store_true",
                             help="allow .ckpt/.pt checkpoints (unpickling runs code from the file)")
         parser.add_argument("--no-report", action="store_true", help="skip writing report.html")
+        parser.add_argument("--strict", action="store_true",
+                            help="exit 2 when a gate cannot be evaluated (its metric has no value); default: warn")
     elif cmd == "report":
         parser.add_argument("run_dir", help="a run folder written by 'harness eval'")
         parser.add_argument("--train-run", help="training run folder whose metrics.jsonl to plot")
@@ -79,9 +81,14 @@ def _eval(args) -> int:
     if res.report:
         print(f"report:  {res.report}")
     print(f"images generated: {res.generated}, reused: {res.skipped}")
+    if res.not_evaluated:
+        log.warning("%d gate check(s) not evaluated (their metric has no value):\n%s", len(res.not_evaluated),
+                    format_table(res.not_evaluated))
     if res.failed:
         print(f"\n{len(res.failed)} gate(s) FAILED:", file=sys.stderr)
         print(format_table(res.failed), file=sys.stderr)
-    elif res.results.get("gates"):
+    elif res.results.get("gates") and not res.not_evaluated:
         print(f"all {len(res.results['gates'])} gate checks passed")
+    if args.strict and res.not_evaluated and not res.failed:
+        return 2
     return res.exit_code

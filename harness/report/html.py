@@ -288,6 +288,7 @@ def build_context(run_dir: str | Path, train_run: str | Path | None = None) -> d
         "base_label": base_label, "candidates": cands,
         "headline": _headline(results), "gates": results.get("gates", []),
         "gates_passed": results.get("gates_passed"), "notes": results.get("notes", []),
+        "gates_not_evaluated": sum(not g.get("evaluated", True) for g in results.get("gates", [])),
         "images": images, "images_total": images_total,
         "grids": _grids(run_dir, results), "xray": _xray(run_dir, results),
         "artifacts": _artifacts(run_dir, per_image, [base_label, *cands]),
