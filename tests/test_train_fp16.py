@@ -16,8 +16,9 @@ import torch
 from _train_helpers import fp16_on_cpu, make_dataset, quick_recipe
 
 from harness.io import read_jsonl
-from harness.train import loop
-from harness.train.loop import TrainingDiverged, train
+from harness.train import optim
+from harness.train.loop import train
+from harness.train.optim import TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -92,7 +93,7 @@ def test_overflowed_steps_are_skipped_without_moving_the_schedule(tiny_sd_dir, d
 
 
 def test_a_run_that_only_overflows_stops_and_keeps_its_checkpoints(tiny_sd_dir, data_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(loop, "MAX_SKIPPED_IN_ROW", 3)
+    monkeypatch.setattr(optim, "MAX_SKIPPED_IN_ROW", 3)
     fp16_on_cpu(monkeypatch, init_scale=2.0**60)  # halving from 2**60: dozens of overflows in a row
     r = quick_recipe(tiny_sd_dir, data_dir, tmp_path, **{"train.mixed_precision": "fp16", "train.cpu": True,
                                                          "train.max_steps": 8, "checkpoint.every_steps": 2})

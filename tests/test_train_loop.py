@@ -13,7 +13,8 @@ from _train_helpers import quick_recipe as recipe
 
 from harness.errors import CheckpointError, ConfigError, HarnessError
 from harness.io import read_jsonl
-from harness.train.loop import TrainingDiverged, train
+from harness.train.loop import train
+from harness.train.optim import TrainingDiverged
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

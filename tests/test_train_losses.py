@@ -8,7 +8,7 @@ import torch
 from harness.train import losses
 from harness.train.ema import EMA, ema_decay
 from harness.train.timesteps import check_range, evenly_spaced, sample_timesteps
-from harness.train.validation import EarlyStopping, drift_scorer
+from harness.train.validator import EarlyStopping, drift_scorer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ Public API: ``train(recipe, resume=None, scorers=None) -> Path`` and ``train_fro
 ``read_metrics(run_dir)`` (:mod:`harness.train.metrics_log`). Imported lazily so ``harness --help`` stays fast.
 """
 
-_LAZY = {"train": "loop", "train_from_file": "loop", "TrainingDiverged": "loop", "load_recipe": "recipe",
+_LAZY = {"train": "loop", "train_from_file": "loop", "TrainingDiverged": "optim", "load_recipe": "recipe",
          "Recipe": "recipe", "read_metrics": "metrics_log"}
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from harness.errors import CheckpointError
+from harness.errors import CheckpointError, HarnessError
 from harness.io import atomic_dir, atomic_write_json
 from harness.provenance import file_sha256
 from harness.train.ema import local_shard
@@ -86,6 +86,13 @@ def verify_checkpoint(path: str | Path) -> str | None:
     if STATE not in files:
         return f"{STATE} is missing"
     return None
+
+
+def check_output_dir(run_dir: Path, resume: str | None) -> None:
+    """A new run never overwrites an earlier one: continuing it takes --resume."""
+    if resume is None and (list_checkpoints(run_dir) or (run_dir / "final").exists()):
+        raise HarnessError(f"output_dir = {run_dir}: holds an earlier run's checkpoints or final/; pass "
+                           f"--resume latest to continue it, or choose another output_dir")
 
 
 def find_resume(run_dir: str | Path, resume: str) -> Path | None:

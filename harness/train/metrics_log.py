@@ -43,6 +43,17 @@ def available_trackers(requested: list[str]) -> list[str]:
     return keep
 
 
+def flat_config(d: dict, prefix: str = "") -> dict:
+    """A nested config as one level of dotted keys with plain values, as trackers take it."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
 class MetricsLog:
     """Appends records to ``RUN/metrics.jsonl`` and forwards numbers to accelerate's trackers."""
 

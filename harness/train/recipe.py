@@ -120,7 +120,7 @@ class ValidationCfg:
     seeds: list[int] = field(default_factory=lambda: [0])
     num_inference_steps: int = field(default=25, metadata=_r(1, 1000))
     guidance_scale: float = field(default=7.5, metadata=_r(0.0, 100.0))
-    eval_metrics: list[str] = field(default_factory=list)  # scorer names, see harness.train.validation
+    eval_metrics: list[str] = field(default_factory=list)  # scorer names, see harness.train.validator
     scorer_models: dict[str, str] = field(default_factory=dict)  # e.g. {clip_score: "clip:ViT-B-32:openai"}
     at_start: bool = True  # validate the base model at step 0 (the reference for every later number)
     early_stopping_patience: int | None = field(default=None, metadata=_r(1))

@@ -5,10 +5,12 @@ The validation loss uses fixed timesteps and fixed noise per held-out item (draw
 ``noise_seed``), so its changes come from the weights alone. Samples use the recipe's prompts and
 seeds and are written as PNG with the prompt, seed and step in their text chunks. Scorers are plain
 callables ``(images, prompts) -> float`` so any metric can watch a model "fry" while it trains.
+:class:`Validator` runs them all at a step of the training loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -20,8 +22,13 @@ import torch
 
 from harness.errors import ConfigError
 from harness.io import atomic_write
+from harness.train import checkpoint as ckpt
 from harness.train import losses
-from harness.train.cache import sample_latents
+from harness.train.cache import encode_latent_dist, sample_latents
+from harness.train.data import Data
+from harness.train.models import Models
+from harness.train.recipe import Recipe
+from harness.train.timesteps import evenly_spaced
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +188,100 @@ class EarlyStopping:
 
     def load(self, state: dict) -> None:
         self.best, self.best_step, self.bad = state.get("best"), state.get("best_step"), state.get("bad", 0)
+
+
+# ---------------------------------------------------------------- during training
+
+class Validator:
+    """Validation loss on held-out items, fixed-seed samples and scorers. Runs on the main process; with
+    sharded parameters (FSDP2, ZeRO-3) on every process (each forward gathers the shards from all of them), with only the main
+    process writing samples and scoring them."""
+
+    def __init__(self, recipe: Recipe, models: Models, data: Data, latent_cache, text_fn, run_dir: Path,
+                 scorers: dict[str, Scorer], main: bool = True):
+        v = recipe.validation
+        self.recipe, self.models, self.run_dir, self.main = recipe, models, run_dir, main
+        self.scorers = build_scorers(list(v.eval_metrics), scorers, dict(v.scorer_models),
+                                     models.unet.device) if main else {}
+        stage0 = recipe.resolved_stages()[0]
+        self.timesteps = list(v.timesteps) if v.timesteps else evenly_spaced(
+            stage0.t_min, stage0.t_max or models.num_train_timesteps)
+        self.items = self._val_items(data.val, latent_cache, text_fn, v.max_items)
+        self.stopper = EarlyStopping(v.early_stopping_patience, v.early_stopping_mode, v.early_stopping_min_delta)
+        if not self.items:
+            log.info("no validation split in %s (metadata 'split' column, val/ folder or data.val_fraction): "
+                     "no validation loss", recipe.data.root)
+
+    @torch.no_grad()
+    def _val_items(self, dataset, latent_cache, text_fn, max_items) -> list[ValItem]:
+        if dataset is None:
+            return []
+        n = min(len(dataset), max_items or len(dataset))
+        items = []
+        for i in range(n):
+            it = dataset[i]
+            if latent_cache is not None:
+                dist = latent_cache.get(latent_cache.fill(dataset, [i])[i])
+            else:
+                dist = encode_latent_dist(self.models.pipe.vae, it["pixel_values"][None])[0]
+            items.append(ValItem(dist=dist.cpu(), hidden=text_fn([it["caption"]])[0].float().cpu()))
+        return items
+
+    def run(self, step: int, unet, text_encoder) -> dict:
+        out: dict = {}
+        was_training = unet.training
+        unet.eval()
+        dtype = self.models.weight_dtype
+        amp = torch.autocast(unet.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+        samples = []
+        try:
+            with amp:  # the model as it trains; the scorers below run as they do in 'harness eval'
+                if self.items:
+                    out.update(validation_loss(unet, self.items, self.timesteps, self.models.alphas_cumprod,
+                                               self.models.prediction_type, self.models.scaling_factor,
+                                               self.recipe.validation.noise_seed))
+                if self.recipe.validation.prompts:
+                    samples = self._samples(step, unet, text_encoder)
+        finally:
+            unet.train(was_training)
+        if samples and self.main:
+            out.update(self._score(samples))
+        return out
+
+    def _samples(self, step: int, unet, text_encoder) -> list:
+        from diffusers import StableDiffusionPipeline
+
+        v = self.recipe.validation
+        pipe = StableDiffusionPipeline(**{**self.models.pipe.components, "unet": unet, "text_encoder": text_encoder})
+        pipe.set_progress_bar_config(disable=True)
+        samples = generate_samples(pipe, list(v.prompts), list(v.seeds), steps=v.num_inference_steps,
+                                   guidance=v.guidance_scale, resolution=self.recipe.data.resolution,
+                                   out_dir=self.run_dir / "samples" / ckpt.checkpoint_name(step) if self.main
+                                   else None, step=step)
+        return samples
+
+    def _score(self, samples: list) -> dict:
+        """The eval hook's scores of the fixed-seed samples, in full precision whatever the run trains in,
+        so they compare with the eval suite's numbers."""
+        v = self.recipe.validation
+        images, prompts = [s[2] for s in samples], [s[0] for s in samples]
+        if "drift" in v.eval_metrics and "drift" not in self.scorers:
+            self.scorers["drift"] = drift_scorer(self._reference(images))
+        return {f"eval/{name}": float(self.scorers[name](images, prompts)) for name in v.eval_metrics}
+
+    def _reference(self, images: list) -> list:
+        """The base model's samples: step 0's PNGs (also after a resume), else these images."""
+        from PIL import Image
+
+        v = self.recipe.validation
+        folder = self.run_dir / "samples" / ckpt.checkpoint_name(0)
+        paths = [folder / f"p{pi:02d}-s{seed}.png" for pi in range(len(v.prompts)) for seed in v.seeds]
+        if all(p.is_file() for p in paths):
+            return [Image.open(p).convert("RGB") for p in paths]
+        return images
+
+    def should_stop(self, step: int, results: dict) -> bool:
+        metric = self.recipe.validation.early_stopping_metric
+        if metric not in results:
+            return False
+        return self.stopper.update(step, results[metric])
