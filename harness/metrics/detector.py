@@ -63,8 +63,13 @@ class YoloDetector:
             raise UnsafeCheckpointError(f"{model}: ultralytics .pt files are pickles that can run code; "
                                         "pass allow_pickle=True (--allow-pickle) if you trust it")
         from ultralytics import YOLO
+        from ultralytics.nn.tasks import torch_safe_load
 
         try:
+            # Read once with weights_only=True and ultralytics' allow-list of its own classes, whatever
+            # ULTRALYTICS_SAFE_LOAD was when ultralytics was first imported: a file that passes holds
+            # only tensors and known layers, so the full load that YOLO() then does builds nothing else.
+            torch_safe_load(str(model), safe_only=True)
             return YOLO(str(model)), f"yolo:{model}"
         except Exception as e:
             raise HarnessError(f"{model}: cannot load the detector ({type(e).__name__}: {e})".split("\n")[0]) from e

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from harness import signing
 from harness.errors import CheckpointError, HarnessError
 from harness.io import atomic_dir, atomic_write_json
 from harness.provenance import file_sha256
@@ -67,7 +68,38 @@ def clean_stale(run_dir: str | Path) -> None:
 def write_manifest(path: Path) -> None:
     files = {str(f.relative_to(path)): file_sha256(f) for f in sorted(path.rglob("*"))
              if f.is_file() and f.name != MANIFEST}
-    atomic_write_json(path / MANIFEST, {"files": files})
+    # signed with this user's key: a folder the harness wrote here can be unpickled on resume
+    atomic_write_json(path / MANIFEST, {"files": files, "signature": signing.sign(files)})
+
+
+# accelerate and torch read these with weights_only=True; anything else pickled is the engine's
+_SAFE_PICKLES = {"lr_scheduler.pt", "scaler.pt", "optimizer.bin", "scheduler.bin", "sampler.bin"}
+
+
+def unpickled_on_resume(path: Path, engine: str) -> list[str]:
+    """Files an FSDP2 or DeepSpeed resume unpickles (distributed-checkpoint metadata, engine states)."""
+    if engine not in ("FSDP", "DEEPSPEED"):
+        return []
+    return sorted(str(f.relative_to(path)) for f in path.rglob("*") if f.is_file() and f.name not in _SAFE_PICKLES
+                  and (f.name == ".metadata" or f.suffix in (".pt", ".pkl", ".bin")) and "random_states" not in f.name)
+
+
+def check_unpickling(path: str | Path, engine: str, allow_pickle: bool) -> None:
+    """Refuse to let the engine unpickle files of a checkpoint this user's harness did not sign."""
+    path = Path(path)
+    risky = unpickled_on_resume(path, engine)
+    if not risky or allow_pickle:
+        return
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = {}
+    if signing.verify(manifest.get("files"), manifest.get("signature")):
+        return
+    shown = ", ".join(risky[:3]) + (f" and {len(risky) - 3} more" if len(risky) > 3 else "")
+    raise CheckpointError(f"{path}: resuming under {engine} unpickles {shown} (a pickle can run code), and this "
+                          "checkpoint was not signed by your harness (copied or edited); resume it only if you trust "
+                          "it, with checkpoint.allow_pickle=true")
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
@@ -150,10 +182,14 @@ def read_state(path: str | Path) -> dict:
     return json.loads((Path(path) / STATE).read_text())
 
 
-def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None, shard_rank: int | None = None) -> dict:
-    """Restore models, optimizer, RNG and EMA; refuse a checkpoint of another model. The LR scheduler
-    is restored by :func:`load_lr_scheduler` once the loop has built the checkpoint's stage."""
+def load_checkpoint(accelerator, path: str | Path, fingerprint: dict, ema=None, shard_rank: int | None = None,
+                    allow_pickle: bool = False) -> dict:
+    """Restore models, optimizer, RNG and EMA; refuse a checkpoint of another model, and one whose
+    FSDP2/DeepSpeed state would be unpickled without this user's signature (:func:`check_unpickling`).
+    The LR scheduler is restored by :func:`load_lr_scheduler` once the loop has built the checkpoint's stage."""
     path = Path(path)
+    check_unpickling(path, str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type)),
+                     allow_pickle)
     state = read_state(path)
     theirs = state.get("fingerprint")
     if theirs != fingerprint:

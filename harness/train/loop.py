@@ -27,6 +27,7 @@ import torch
 from harness.config import to_dict
 from harness.errors import ConfigError
 from harness.io import append_jsonl, atomic_write_json, atomic_write_text
+from harness.lock import run_lock
 from harness.provenance import record
 from harness.train import checkpoint as ckpt
 from harness.train import losses
@@ -85,7 +86,9 @@ def train(recipe: Recipe, *, resume: str | None = None, scorers: dict[str, Score
     acc = build_accelerator(recipe, run_dir)
     data = build_data(recipe, acc.num_processes, acc.process_index)
     set_seed(recipe.train.seed)
-    with no_zero3_init(acc):
+    # one writer per run folder: the main process holds the lock, the other ranks write under it
+    with run_lock(run_dir, "harness train") if acc.is_main_process else contextlib.nullcontext(), \
+            no_zero3_init(acc):
         return _train(recipe, acc, data, run_dir, resume, scorers)
 
 
@@ -303,7 +306,7 @@ def _start_state(recipe: Recipe, acc, models: Models, resume_path, ema, sharded:
     state = {"step": 0, "stage": 0, "stage_step": 0, "epoch": 0, "step_in_epoch": 0, "early_stopping": {},
              "fingerprint": fp}
     if resume_path is not None:
-        state = ckpt.load_checkpoint(acc, resume_path, fp, ema, rank)
+        state = ckpt.load_checkpoint(acc, resume_path, fp, ema, rank, recipe.checkpoint.allow_pickle)
     return state
 
 

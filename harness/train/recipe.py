@@ -137,6 +137,9 @@ class CheckpointCfg:
     every_steps: int = field(default=500, metadata=_r(0))  # 0: only at the end
     keep_last: int = field(default=3, metadata=_r(1))
     single_file: bool = True  # also write final.safetensors (original SD layout)
+    # Resume state that FSDP2 (.metadata) and DeepSpeed (*_states.pt) unpickle: loaded only from a
+    # checkpoint whose manifest this user's harness signed, unless this is true (you trust the folder)
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)

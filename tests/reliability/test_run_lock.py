@@ -68,3 +68,14 @@ def test_eval_refuses_a_folder_in_use_before_generating(holder, tmp_path, zoo_di
 def test_release_leaves_another_process_lock_alone(holder, tmp_path):
     release(tmp_path / "run" / LOCK_NAME)
     assert (tmp_path / "run" / LOCK_NAME).exists()
+
+
+def test_training_refuses_an_output_dir_in_use(holder, tmp_path, tiny_sd_dir):
+    from _train_helpers import make_dataset, quick_recipe
+
+    from harness.train.loop import train
+
+    recipe = quick_recipe(tiny_sd_dir, make_dataset(tmp_path / "data"), tmp_path)  # output_dir = tmp_path/run
+    with pytest.raises(HarnessError, match=r"run: in use by harness eval"):
+        train(recipe)
+    assert not (tmp_path / "run" / "recipe.yaml").exists()
