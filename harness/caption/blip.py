@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,8 +174,12 @@ def caption_images(model, processor, images: Sequence, *, min_words: int = 0, ma
 def _journal_merge(root: Path, *, dry_run: bool = False) -> int:
     """Fold a (possibly interrupted) run's journal into metadata.jsonl, then delete it."""
     journal = root / JOURNAL_NAME
-    if not journal.exists() or dry_run:
+    if not os.path.lexists(journal) or dry_run:
         return 0
+    mode = journal.lstat().st_mode
+    if not stat.S_ISREG(mode):  # a symlink, FIFO or device is not a journal this tool wrote
+        kind = "a symlink" if stat.S_ISLNK(mode) else "not a regular file"
+        raise HarnessError(f"{journal}: {kind}; the caption journal must be a plain file (remove it)")
     root_real = root.resolve()
     by_replace: dict[bool, dict[Path, dict]] = {False: {}, True: {}}
     for rec in read_jsonl(journal):
@@ -231,7 +236,8 @@ def caption_folder(root, *, model, processor=None, batch_size: int = 8, device=N
     _validate(batch_size, num_beams, top_p, temperature, repetition_penalty, min_words, max_words, max_retries,
               output)
     root = Path(root)
-    merged = _journal_merge(root.absolute(), dry_run=dry_run) if root.is_dir() else 0
+    # only jsonl runs read the journal: a txt run never opens it (whatever it has become)
+    merged = _journal_merge(root.absolute(), dry_run=dry_run) if root.is_dir() and output == "jsonl" else 0
     if merged:
         log.info("%s: recovered %d caption(s) from an interrupted run", root, merged)
     index = scan_dataset(root, max_pixels=max_pixels, verify=False)
@@ -243,9 +249,9 @@ def caption_folder(root, *, model, processor=None, batch_size: int = 8, device=N
     gen = {"prompt": prompt, "num_beams": num_beams, "do_sample": do_sample, "top_p": top_p,
            "temperature": temperature, "repetition_penalty": repetition_penalty}
     torch.manual_seed(seed)
-    from tqdm.auto import tqdm
+    from harness.progress import Progress
 
-    bar = tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress)
+    bar = Progress(total=len(todo), desc="captioning", unit="img", disable=not progress)
     try:
         for start in range(0, len(todo), batch_size):
             batch = todo[start:start + batch_size]
@@ -296,10 +302,23 @@ def _caption_batch(batch: list[Item], model, processor, gen: dict, summary: Capt
             continue
         if count_words(text) < min_words:
             summary.short.append(item.path)
-        final = f"{prefix}{text}{suffix}"
+        final = with_affixes(text, prefix, suffix)
         if not dry_run:
             _write(item, final, root=root, overwrite=overwrite, output=output)
         summary.captioned.append((item.path, final))
+
+
+def _core(affix: str) -> str:
+    return affix.strip(" \t,.;:").lower()
+
+
+def with_affixes(text: str, prefix: str, suffix: str) -> str:
+    """``prefix + text + suffix``, leaving out an affix whose words the caption already has (a
+    suffix ", red ink" on "... in red ink on cream paper" would say it twice)."""
+    low = text.lower()
+    pre = "" if _core(prefix) and _core(prefix) in low else prefix
+    post = "" if _core(suffix) and _core(suffix) in low else suffix
+    return f"{pre}{text}{post}"
 
 
 def _write(item: Item, caption: str, *, root: Path, overwrite: bool, output: str) -> None:

@@ -28,7 +28,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--prompt", help="conditional text the caption continues, e.g. 'a photography of'")
     g.add_argument("--seed", type=int, default=0)
     parser.add_argument("--prefix", default="", help="text put before each caption")
-    parser.add_argument("--suffix", default="", help="text put after each caption, e.g. ', unsplash photography'")
+    parser.add_argument("--suffix", default="", help="text put after each caption, e.g. ', unsplash photography' "
+                        "(left out of a caption that already has its words; --prefix likewise)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing captions")
     parser.add_argument("--dry-run", action="store_true", help="print the captions; write nothing")
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)

@@ -270,7 +270,7 @@ def build_dataset(table, out_dir: str | Path, *, vae_source: str | Path, timeste
 
 def _encode_all(vae, images, cache_path: Path, image_size: int, vae_fp: str, device: str,
                 batch_size: int = 16) -> list[torch.Tensor]:
-    from tqdm import tqdm
+    from harness.progress import Progress
 
     cache = _load_cache(cache_path)
     keys = [_latent_key(Path(i["image"]), image_size, vae_fp) for i in images]
@@ -281,7 +281,7 @@ def _encode_all(vae, images, cache_path: Path, image_size: int, vae_fp: str, dev
         for k, n in todo:
             x = load_image(images[n]["image"], image_size)
             by_shape.setdefault(tuple(x.shape), []).append((k, x))
-        with tqdm(total=len(todo), desc="encode", leave=False) as bar:
+        with Progress(total=len(todo), desc="encode", leave=False) as bar:
             for items in by_shape.values():
                 for i in range(0, len(items), batch_size):
                     chunk = items[i:i + batch_size]
@@ -294,12 +294,12 @@ def _encode_all(vae, images, cache_path: Path, image_size: int, vae_fp: str, dev
 
 
 def _noise_and_preview(latents, images, ts, draws, seed, kind, size, vae, scheduler) -> dict:
-    from tqdm import tqdm
+    from harness.progress import Progress
 
     jobs = [(i, t, d) for i in range(len(images)) for t in ts for d in range(1 if t == 0 else draws)]
     previews = torch.empty((len(jobs), 3, size, size), dtype=torch.uint8)
     j = 0
-    for i in tqdm(range(len(images)), desc="previews", leave=False):
+    for i in Progress(range(len(images)), desc="previews", leave=False):
         # Latents differ in shape (aspect kept): one image at a time, all its timesteps and draws at once.
         mine = [(t, d) for t in ts for d in range(1 if t == 0 else draws)]
         x = torch.cat([noised(scheduler, latents[i].unsqueeze(0), t, noise_seed(seed, i, t, d)) for t, d in mine])

@@ -223,7 +223,7 @@ def _make_net(meta, clip, clip_pretrained, head, finetune_clip, conv_features, s
 
 
 def _fit(net, cfg, tensors, tr, steps, bs, lr, clip_lr, warmup, weight_decay, balance, seed, device):
-    from tqdm import tqdm
+    from harness.progress import Progress
 
     ratings = tensors["rating"][tr]
     weights = class_weights(ratings, cfg.levels) if balance != "none" else torch.ones(len(tr))
@@ -236,7 +236,7 @@ def _fit(net, cfg, tensors, tr, steps, bs, lr, clip_lr, warmup, weight_decay, ba
     g = torch.Generator().manual_seed(seed)
     net.train()
     t0, running = time.time(), None
-    for step in tqdm(range(steps), desc="train estimator", leave=False):
+    for step in Progress(range(steps), desc="train estimator", leave=False):
         if balance == "sampler":
             idx = torch.multinomial(weights, bs, replacement=True, generator=g)
         else:

@@ -167,10 +167,9 @@ def _jsonl_name(rank: int) -> str:
 def generate_all(run_dir: Path, suite: Suite, ckpts, items, *, rank: int = 0, world: int = 1, device: str = "cpu",
                  allow_pickle: bool = False, progress: bool = True) -> dict:
     """This process's share of the images, grids and x-ray traces (resumable)."""
-    from tqdm.auto import tqdm
-
     from harness.generate.batch import run_jobs
     from harness.generate.pipes import PipelineCache
+    from harness.progress import Progress
 
     dtype = _dtype(suite, device)
     cache = PipelineCache(device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -183,7 +182,7 @@ def generate_all(run_dir: Path, suite: Suite, ckpts, items, *, rank: int = 0, wo
         batches += [(ck, jobs[i:i + bs]) for i in range(0, len(jobs), bs)]
     mine = batches[rank::world]
     counts = {"generated": 0, "skipped": 0}
-    bar = tqdm(total=sum(len(b) for _, b in mine), desc="generate", unit="img", disable=not progress)
+    bar = Progress(total=sum(len(b) for _, b in mine), desc="generate", unit="img", disable=not progress)
     for ck, jobs in mine:
         c = run_jobs(jobs, run_dir / layout.IMAGES / ck.label, batch_size=bs, device=device, dtype=dtype,
                      allow_pickle=allow_pickle, progress=False, jsonl=_jsonl_name(rank), cache=cache)
@@ -195,7 +194,7 @@ def generate_all(run_dir: Path, suite: Suite, ckpts, items, *, rank: int = 0, wo
         log.info("reused %d images already generated in %s", counts["skipped"], run_dir)
     extra = [("grid", ck, g) for ck in ckpts for g in suite.grids]
     extra += [("xray", ck, i) for ck in ckpts for i in range(min(suite.xray.samples, _first_set_size(items)))]
-    bar = tqdm(total=len(extra[rank::world]), desc="grids+xray", disable=not progress or not extra)
+    bar = Progress(total=len(extra[rank::world]), desc="grids+xray", disable=not progress or not extra)
     for kind, ck, what in extra[rank::world]:
         if kind == "grid":
             _grid(run_dir, suite, ck, what, device=device, dtype=dtype, allow_pickle=allow_pickle)
@@ -275,9 +274,9 @@ def score_all(run_dir: Path, suite: Suite, suite_path, ckpts, items, data, *, de
     if bad:
         sc.notes.append(f"{bad} generated image(s) had NaN/Inf latents: marked in the report and left out of "
                         "every metric")
-    from tqdm.auto import tqdm
+    from harness.progress import Progress
 
-    bar = tqdm(total=len(suite.metrics) + 1, desc="score", disable=not progress)
+    bar = Progress(total=len(suite.metrics) + 1, desc="score", disable=not progress)
     for label, spec in suite.metrics.items():
         name = suite.metric_name(label)
         bar.set_postfix_str(label)

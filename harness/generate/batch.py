@@ -152,10 +152,9 @@ def run_jobs(jobs: Sequence[Job], out: str | Path, *, batch_size: int = 8, devic
 
     Jobs are grouped by checkpoint/scheduler/size/LoRA (first-appearance order; callers order jobs so
     expensive switches come least) and each group runs in batches through one denoising loop."""
-    from tqdm.auto import tqdm
-
     from harness.generate.pipes import PipelineCache
     from harness.generate.sample import Sample, denoise, to_pil
+    from harness.progress import Progress
 
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1; got {batch_size}")
@@ -167,7 +166,7 @@ def run_jobs(jobs: Sequence[Job], out: str | Path, *, batch_size: int = 8, devic
         log.info("%d of %d images already exist in %s; generating %d", skipped, len(jobs), out, len(todo))
     cache = cache or PipelineCache(device=device, dtype=dtype, allow_pickle=allow_pickle)
     loads0 = cache.loads
-    bar = tqdm(total=len(todo), desc="generate", unit="img", disable=not progress)
+    bar = Progress(total=len(todo), desc="generate", unit="img", disable=not progress)
     for batch in _groups(todo, batch_size):
         p0 = batch[0].params
         # A LoRA is fused into the weights at load time, so its scale is part of the pipeline's identity.

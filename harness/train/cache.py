@@ -139,12 +139,12 @@ class LatentCache:
 
     def fill(self, dataset, indices: list[int], batch_size: int = 8, progress: bool = False) -> dict[int, str]:
         """Encode every item of ``indices`` that is not cached yet; returns ``{index: key}``."""
-        from tqdm.auto import tqdm
+        from harness.progress import Progress
 
         keys: dict[int, str] = {}
         # Pending images grouped by size: with aspect buckets one batch of the VAE holds one shape.
         pending: dict[tuple, list[tuple[str, torch.Tensor]]] = {}
-        for i in tqdm(indices, desc="caching latents", disable=not progress, leave=False):
+        for i in Progress(indices, desc="caching latents", disable=not progress, leave=False):
             item = dataset[i]
             keys[i] = item["key"]
             if self.store.get(item["key"]) is None:

@@ -275,11 +275,11 @@ def _prepare(recipe, acc, models: Models, data: Data, stages, run_dir: Path, res
     acc.init_trackers(recipe.logging.project, config=flat_config(to_dict(recipe)),
                       init_kwargs={"wandb": {"dir": str(run_dir / "logs"), "name": run_dir.name}})
     totals = stage_totals(stages, data.steps_per_epoch, recipe.train.max_steps)
-    from tqdm.auto import tqdm
+    from harness.progress import Progress
 
     timer = StepTimer(recipe.logging.timing, acc.device)
     window = [time.perf_counter(), 0, 0.0]
-    bar = tqdm(total=sum(totals), initial=state["step"], disable=not acc.is_main_process, desc="training")
+    bar = Progress(total=sum(totals), initial=state["step"], disable=not acc.is_main_process, desc="training")
     return _Run(recipe=recipe, acc=acc, models=models, data=data, stages=stages, totals=totals, run_dir=run_dir,
                 resume_path=resume_path, sharded=sharded, rank=rank, unet=unet, raw_unet=raw_unet, raw_te=raw_te,
                 optimizer=optimizer, ema=ema, validator=validator, metrics=metrics, state=state, train_ds=train_ds,

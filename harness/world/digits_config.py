@@ -40,9 +40,9 @@ class WorldConfig:
 
 
 def _progress(total: int, desc: str):
-    from tqdm.auto import tqdm
+    from harness.progress import Progress
 
-    return tqdm(total=total, desc=desc, leave=False, disable=None)
+    return Progress(total=total, desc=f"digits world: {desc}")
 
 
 def _batches(n: int, batch: int, steps: int, gen: torch.Generator):
