@@ -10,6 +10,7 @@ score, artifact score, detector-cluster KL, CFG x steps grids) in one HTML repor
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,13 +99,40 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
     if (world / "estimator").exists():
         models.append(f"models.estimator={world / 'estimator'}")
     res = run_eval(suite, base=str(world / "sd"), candidates=[str(final)], out=out / "eval", data=data,
-                   overrides=[*models, *eval_overrides], train_run=run_dir, progress=progress)
+                   overrides=[*models, *eval_overrides], progress=progress, report=False)
     shift = distribution_shift(out / "eval", world)
-    text = verdict_summary(res.results or {}) + " " + shift_sentence(shift)
-    atomic_write_json(out / "demo.json", {"world": str(world), "finetune": str(final), "report": str(res.report),
+    checks = artifact_checks(out / "eval", world)
+    text = " ".join(x for x in (verdict_summary(res.results or {}), shift_sentence(shift), checks["sentence"]) if x)
+    report = _report(out / "eval", run_dir, checks["sentence"])
+    atomic_write_json(out / "demo.json", {"world": str(world), "finetune": str(final), "report": str(report),
                                           "summary": text, "captioned": getattr(summary, "captioned", None),
-                                          "shift": shift})
-    return DemoResult(out, world, Path(final), res.report, text, res.results, shift=shift)
+                                          "shift": shift, "artifact_checks": checks})
+    return DemoResult(out, world, Path(final), report, text, res.results, shift=shift)
+
+
+def artifact_checks(eval_dir: Path, world: Path, subset: str = "in_domain") -> dict:
+    """The estimator's style gap on clean digits and a colour-blind judge of the generated digits."""
+    from harness.eval import layout
+    from harness.io import read_jsonl
+    from harness.world.judge import artifact_sentence, independent_judge, style_check
+
+    style = style_check(world) if (world / "estimator").exists() else {}
+    recs = [r for r in read_jsonl(eval_dir / layout.PER_IMAGE) if r["subset"] == subset]
+    judge = independent_judge(eval_dir, recs)
+    return {"subset": subset, "style": style, "judge": judge, "sentence": artifact_sentence(style, judge)}
+
+
+def _report(eval_dir: Path, train_run: Path, note: str) -> Path:
+    """The eval report, with the artifact checks as a note at its top."""
+    from harness.eval import layout
+    from harness.report.html import write_report
+
+    if note:
+        results = json.loads((eval_dir / layout.RESULTS).read_text())
+        if note not in results.get("notes", []):
+            results.setdefault("notes", []).append(note)
+            atomic_write_json(eval_dir / layout.RESULTS, results)
+    return write_report(eval_dir, train_run=train_run)
 
 
 def distribution_shift(eval_dir: Path, world: Path, subset: str = "in_domain", seed: int = 0) -> dict:
