@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -77,21 +78,54 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
+        # never through a symlink (it could point anywhere) and never into a FIFO or device
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_NONBLOCK", 0), 0o666)
+    except OSError as e:
+        why = "a symlink; refusing to write through it" if e.errno == 40 else (e.strerror or str(e))
+        raise HarnessError(f"{path}: cannot append ({why})") from e
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise HarnessError(f"{path}: not a regular file; refusing to append to it")
+        with os.fdopen(fd, "a", encoding="utf-8") as f:
+            fd = -1
             f.write(json.dumps(record, default=str) + "\n")
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
         raise HarnessError(f"{path}: cannot append ({e.strerror or e})") from e
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
-def read_jsonl(path: str | os.PathLike) -> list[dict]:
+def read_regular(path: str | os.PathLike, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most ``max_bytes``: a FIFO would block forever and ``/dev/zero``
+    would fill memory, so anything else is a one-line error naming the file."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise HarnessError(f"{path}: cannot read ({e.strerror or e})") from e
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise HarnessError(f"{path}: not a regular file; refusing to read it")
+        data = f.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise HarnessError(f"{path}: larger than {max_bytes:,} bytes; refusing to read it")
+    return data
+
+
+MAX_JSONL_BYTES = 1 << 30
+
+
+def read_jsonl(path: str | os.PathLike, max_bytes: int = MAX_JSONL_BYTES) -> list[dict]:
     """Read a JSON-lines file written by :func:`append_jsonl`, skipping a torn last line."""
     out = []
     path = Path(path)
     if not path.exists():
         return out
-    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines = read_regular(path, max_bytes).decode("utf-8", errors="replace").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -262,6 +262,9 @@ def _caption_for(path: Path, row: dict | None, column: str, root_real: Path, max
     if not os.path.lexists(sidecar):
         return None, None
     reason = _inside(sidecar, root_real)
+    if not reason and sidecar.stat().st_nlink > 1:
+        # a hard link looks like a file of the dataset but may be any file of the user's (a key, a history)
+        reason = "refused: hard-linked (its text may belong to a file outside the dataset)"
     if reason:
         raise HarnessError(f"caption {sidecar.name}: {reason}")
     return read_caption_file(sidecar, max_bytes=max_caption_bytes), "txt"

@@ -1,0 +1,101 @@
+"""Nothing outside the dataset is read, written or followed by captioning (issue 21): symlinked, FIFO
+and device journals, hard-linked captions. Every hostile file is made here; a sibling folder's
+snapshot before and after shows nothing outside changed."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+from _data_helpers import write_photos
+
+from harness.caption.blip import JOURNAL_NAME, caption_folder, load_captioner, with_affixes
+from harness.errors import HarnessError
+from harness.io import append_jsonl, read_jsonl
+
+
+@pytest.fixture(scope="module")
+def blip(zoo_dir):
+    return load_captioner(str(zoo_dir / "blip"))
+
+
+def _snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture
+def outside(tmp_path):
+    """A folder beside the dataset standing for the user's home: nothing in it may change."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".bashrc").write_text("export PATH=$PATH\n")
+    (home / "secret.txt").write_text("my private key\n")
+    return home
+
+
+def test_symlinked_journal_is_refused_and_its_target_untouched(blip, tmp_path, outside):
+    data = tmp_path / "data"
+    write_photos(data, ["astronaut"])
+    os.symlink(outside / ".bashrc", data / JOURNAL_NAME)
+    (data / "$(touch PWNED).png").write_bytes((data / "astronaut.png").read_bytes())
+    before = _snapshot(outside)
+    model, proc = blip
+    with pytest.raises(HarnessError, match=r"\.harness-captions\.jsonl: a symlink; the caption journal must be"):
+        caption_folder(data, model=model, processor=proc, output="jsonl")
+    assert _snapshot(outside) == before
+    with pytest.raises(HarnessError, match="a symlink; refusing to write through it"):
+        append_jsonl(data / JOURNAL_NAME, {"x": 1})
+    assert _snapshot(outside) == before
+
+
+def test_fifo_journal_never_hangs(blip, tmp_path):
+    data = tmp_path / "data"
+    write_photos(data, ["astronaut"])
+    os.mkfifo(data / JOURNAL_NAME)
+    model, proc = blip
+    result = {}
+
+    def run(output):
+        try:
+            result[output] = caption_folder(data, model=model, processor=proc, output=output, dry_run=False)
+        except HarnessError as e:
+            result[output] = e
+
+    for output in ("txt", "jsonl"):  # a txt run never opens the journal; a jsonl run refuses it
+        t = threading.Thread(target=run, args=(output,), daemon=True)
+        t.start()
+        t.join(120)
+        assert not t.is_alive(), f"caption --output {output} hung on a FIFO journal"
+    assert not isinstance(result["txt"], Exception) and (data / "astronaut.txt").is_file()
+    assert isinstance(result["jsonl"], HarnessError) and "not a regular file" in str(result["jsonl"])
+
+
+def test_read_jsonl_refuses_devices_and_huge_files(tmp_path):
+    os.symlink("/dev/zero", tmp_path / "zero.jsonl")
+    with pytest.raises(HarnessError, match="zero.jsonl: not a regular file"):
+        read_jsonl(tmp_path / "zero.jsonl")
+    (tmp_path / "big.jsonl").write_text('{"a": 1}\n' * 100)
+    with pytest.raises(HarnessError, match="big.jsonl: larger than 50 bytes"):
+        read_jsonl(tmp_path / "big.jsonl", max_bytes=50)
+
+
+def test_hard_linked_caption_is_skipped_not_read(blip, tmp_path, outside):
+    from harness.data.folder import scan_dataset
+
+    data = tmp_path / "data"
+    write_photos(data, ["astronaut", "coffee"])
+    os.link(outside / "secret.txt", data / "astronaut.txt")
+    index = scan_dataset(data)
+    assert "my private key" not in str([it.caption for it in index.items])
+    assert any("hard-linked" in why for _, why in index.skipped)
+    model, proc = blip
+    s = caption_folder(data, model=model, processor=proc)
+    assert all("my private key" not in text for _, text in s.captioned)
+    assert (outside / "secret.txt").read_text() == "my private key\n"
+
+
+def test_affixes_are_not_said_twice():
+    assert with_affixes("a digit in red ink on cream paper", "", ", red ink") == "a digit in red ink on cream paper"
+    assert with_affixes("a bird on a lake", "", ", unsplash photography") == "a bird on a lake, unsplash photography"
+    assert with_affixes("photo of a cat", "photo of ", "") == "photo of a cat"
