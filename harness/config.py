@@ -226,19 +226,62 @@ def read_yaml(path: str | Path) -> dict:
     return _read_yaml(Path(path), ())
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a recipe or suite is a few KB
+MAX_YAML_NODES = 100_000  # after expanding aliases; a 1 KB file of nested aliases expands to billions
+
+
+def _expanded_nodes(root) -> int:
+    """Nodes of a composed YAML document with every alias expanded (aliases share node objects, so
+    a memo by identity counts the expansion without doing it)."""
+    size: dict[int, int] = {}
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        if id(node) in size:
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        if done:
+            size[id(node)] = 1 + sum(size[id(c)] for c in children)
+        else:
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in size)
+    return size[id(root)]
+
+
+def safe_yaml(text: str, where: str):
+    """``yaml.safe_load`` that refuses documents whose aliases expand past :data:`MAX_YAML_NODES`."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        n = _expanded_nodes(node)
+        if n > MAX_YAML_NODES:
+            raise ConfigError(f"{where}: YAML expands to {n:,} values through aliases (at most {MAX_YAML_NODES:,}); "
+                              "refusing to build it")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...]) -> dict:
     resolved = path.resolve()
     if resolved in seen:
         chain = " -> ".join(str(p) for p in (*seen, resolved))
         raise ConfigError(f"{path}: '{EXTENDS_KEY}' forms a cycle ({chain})")
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise ConfigError(f"{path}: file not found") from None
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read ({e})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES:,} bytes; not a recipe or suite")
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text, str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -277,7 +320,7 @@ def parse_overrides(items: list[str], where: str = "command line") -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"{where}: override {item!r}: expected key=value (dotted keys for nested values)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = safe_yaml(raw, f"{where}: override {key!r}") if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
         node = out

@@ -120,10 +120,35 @@ def verify_checkpoint(path: str | Path) -> str | None:
     return None
 
 
-def check_output_dir(run_dir: Path, resume: str | None) -> None:
-    """A new run never overwrites an earlier one: continuing it takes --resume."""
+RUN_MARKER = ".harness-run"  # written into every run folder: what marks a folder as the harness's to write
+
+
+def is_run_folder(path: Path) -> bool:
+    """A folder a harness training run made (its marker, or the files an older run left)."""
+    if (path / RUN_MARKER).is_file():
+        return True
+    return (path / "recipe.yaml").is_file() and (path / "provenance.json").is_file() and \
+        any((path / x).exists() for x in (CHECKPOINTS, "final", "metrics.jsonl"))
+
+
+def check_output_dir(run_dir: Path, resume: str | None, data_root: str | Path | None = None) -> None:
+    """``output_dir`` is a new or empty folder, or an earlier harness run (continued with --resume):
+    never the current folder of the user's files, their home, ``/``, or the dataset."""
+    where = Path(run_dir).expanduser().resolve()
+    shown = f"output_dir = {str(run_dir) or repr('')}"
+    if str(run_dir) in ("", ".") or where in (Path("/").resolve(), Path.home().resolve()):
+        raise HarnessError(f"{shown} is {where}: give the run its own new folder (e.g. runs/my-run)")
+    if data_root is not None:
+        data = Path(data_root).expanduser().resolve()
+        if where == data or where.is_relative_to(data) or data.is_relative_to(where):
+            raise HarnessError(f"{shown} ({where}) overlaps the dataset {data}: samples and checkpoints would "
+                               "land among the images, or the dataset inside the run; use a folder outside it")
+    # the run's own lock file (a killed start may leave it) does not make the folder someone else's
+    if where.is_dir() and any(not p.name.startswith(".harness") for p in where.iterdir()) and not is_run_folder(where):
+        raise HarnessError(f"{shown}: {where} is not empty and not a harness run folder; refusing to write "
+                           "recipe.yaml, checkpoints and samples among its files (use a new folder)")
     if resume is None and (list_checkpoints(run_dir) or (run_dir / "final").exists()):
-        raise HarnessError(f"output_dir = {run_dir}: holds an earlier run's checkpoints or final/; pass "
+        raise HarnessError(f"{shown}: holds an earlier run's checkpoints or final/; pass "
                            f"--resume latest to continue it, or choose another output_dir")
 
 

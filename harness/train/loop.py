@@ -82,7 +82,7 @@ def train(recipe: Recipe, *, resume: str | None = None, scorers: dict[str, Score
     scorers = dict(scorers or {})
     check_optimizer(recipe.train.optimizer)
     check_scorers(list(recipe.validation.eval_metrics), scorers, dict(recipe.validation.scorer_models))
-    ckpt.check_output_dir(run_dir, resume)
+    ckpt.check_output_dir(run_dir, resume, recipe.data.root)
     acc = build_accelerator(recipe, run_dir)
     data = build_data(recipe, acc.num_processes, acc.process_index)
     set_seed(recipe.train.seed)
@@ -103,6 +103,7 @@ def _train(recipe: Recipe, acc, data: Data, run_dir: Path, resume, scorers) -> P
     resume_path = ckpt.find_resume(run_dir, resume) if resume else None
     if acc.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / ckpt.RUN_MARKER).touch()
         ckpt.clean_stale(run_dir)
         atomic_write_text(run_dir / "recipe.yaml", recipe_yaml(recipe))
         atomic_write_json(run_dir / "provenance.json", record(seed=recipe.train.seed, resumed_from=str(resume_path)))

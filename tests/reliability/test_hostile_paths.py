@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 from _data_helpers import write_photos
@@ -99,3 +100,49 @@ def test_affixes_are_not_said_twice():
     assert with_affixes("a digit in red ink on cream paper", "", ", red ink") == "a digit in red ink on cream paper"
     assert with_affixes("a bird on a lake", "", ", unsplash photography") == "a bird on a lake, unsplash photography"
     assert with_affixes("photo of a cat", "photo of ", "") == "photo of a cat"
+
+
+@pytest.mark.parametrize("where", ["", "/", "~", "DATA", "DATA/runs", "USERFILES"])
+def test_output_dir_that_would_overwrite_user_files_is_refused(where, tmp_path, tiny_sd_dir, monkeypatch):
+    from _train_helpers import make_dataset, quick_recipe
+
+    from harness.train.loop import train
+
+    data = make_dataset(tmp_path / "data")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "recipe.yaml").write_text("my own notes\n")
+    monkeypatch.chdir(user)  # output_dir='' is the current folder: the user's files
+    out = {"": "''", "~": str(Path.home()), "DATA": str(data), "DATA/runs": str(data / "runs"), "USERFILES": str(user)}.get(where, where)
+    recipe = quick_recipe(tiny_sd_dir, data, tmp_path, output_dir=out)
+    before = _snapshot(user), _snapshot(data)
+    with pytest.raises(HarnessError, match="output_dir = .*(own new folder|overlaps the dataset|not a harness run)"):
+        train(recipe)
+    assert (_snapshot(user), _snapshot(data)) == before
+
+
+LAUGHS = "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10) if i else ', '.join(['lol'] * 10)}]\n"
+                 for i in range(9))
+
+
+@pytest.mark.parametrize("kind", ["recipe", "suite"])
+def test_yaml_alias_bomb_is_refused_at_once(kind, tmp_path):
+    """A 1 KB file of nested aliases (10^9 values when expanded) is refused before it is built."""
+    import time
+
+    from harness.errors import ConfigError
+
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(LAUGHS)
+    assert len(LAUGHS) < 1500
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"expands to [\d,]+ values through aliases") as e:
+        if kind == "recipe":
+            from harness.train.recipe import load_recipe
+
+            load_recipe(path)
+        else:
+            from harness.eval.suite import load_suite
+
+            load_suite(path)
+    assert "\n" not in str(e.value) and time.perf_counter() - t0 < 10
