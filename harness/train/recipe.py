@@ -61,12 +61,13 @@ class DataCfg:
 
 @dataclass(frozen=True)
 class TrainCfg:
-    seed: int = 0
+    seed: int = field(default=0, metadata=_r(0, 2**32 - 1))  # numpy and torch seeds are 32-bit here
     batch_size: int = field(default=1, metadata=_r(1, 4096))  # per process
     grad_accum: int = field(default=1, metadata=_r(1, 1024))
     epochs: int = field(default=1, metadata=_r(1))
     max_steps: int | None = field(default=None, metadata=_r(1))  # optimizer steps; caps epochs (and all stages)
-    lr: float = field(default=1e-5, metadata=_r(0.0, 1.0))
+    lr: float = field(default=1e-5, metadata=_r(0.0, 1.0))  # the UNet's (LoRA: its adapters'); stages may set their own
+    text_encoder_lr: float | None = field(default=None, metadata=_r(0.0, 1.0))  # None: the same as the UNet's
     lr_scheduler: LrScheduler = "constant"
     warmup_steps: int = field(default=0, metadata=_r(0))
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
@@ -82,6 +83,10 @@ class TrainCfg:
     t_max: int | None = field(default=None, metadata=_r(1, 100000))  # None: the schedule's length
     min_snr_gamma: float | None = field(default=None, metadata=_r(0.0))
     noise_offset: float = field(default=0.0, metadata=_r(0.0, 1.0))
+    # Condition on the text encoder's n-th layer from the end (1: the last, as SD 1.5 itself; 2: A1111's
+    # "clip skip 2"), through the final layer norm, as sd-scripts does. Sampling with the same setting is
+    # the user's choice there; validation here uses it too.
+    clip_skip: int | None = field(default=None, metadata=_r(1, 12))
     cpu: bool = False  # force the CPU even when a GPU is present
 
     def __post_init__(self):
@@ -114,7 +119,7 @@ class EmaCfg:
 class ValidationCfg:
     every_steps: int = field(default=0, metadata=_r(0))  # 0: only at the end
     timesteps: list[int] | None = None  # None: 5 evenly spaced in [t_min, t_max)
-    noise_seed: int = 1234
+    noise_seed: int = field(default=1234, metadata=_r(0, 2**32 - 1))
     max_items: int | None = field(default=None, metadata=_r(1))
     prompts: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -137,6 +142,8 @@ class CheckpointCfg:
     every_steps: int = field(default=500, metadata=_r(0))  # 0: only at the end
     keep_last: int = field(default=3, metadata=_r(1))
     single_file: bool = True  # also write final.safetensors (original SD layout)
+    # final.safetensors' dtype (A1111 / ComfyUI users expect fp16, half the size); final/ keeps the fp32 weights
+    single_file_dtype: Literal["fp16", "bf16", "fp32"] = "fp16"
     # Resume state that FSDP2 (.metadata) and DeepSpeed (*_states.pt) unpickle: loaded only from a
     # checkpoint whose manifest this user's harness signed, unless this is true (you trust the folder)
     allow_pickle: bool = False
@@ -181,6 +188,9 @@ class Recipe:
         if self.lora.text_encoder and self.data.cache_text:
             raise ValueError("key 'data.cache_text' = True with lora.text_encoder: a trained text encoder "
                              "cannot use cached outputs; set data.cache_text=false")
+        bad = [x for x in self.validation.seeds if not 0 <= x < 2**32]
+        if bad:
+            raise ValueError(f"key 'validation.seeds' = {bad[0]}: expected seeds between 0 and {2**32 - 1}")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"key 'stages' = {names}: stage names must be unique")

@@ -146,3 +146,18 @@ def test_yaml_alias_bomb_is_refused_at_once(kind, tmp_path):
 
             load_suite(path)
     assert "\n" not in str(e.value) and time.perf_counter() - t0 < 10
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("train.seed=-1", r"key 'train.seed' = -1: expected a value between 0 and 4294967295"),
+    ("train.seed=123456789012345678901", r"key 'train.seed' = 123456789012345678901: expected a value between"),
+    ("validation.seeds=[0, -3]", r"key 'validation.seeds' = -3: expected seeds between 0 and 4294967295"),
+])
+def test_out_of_range_seeds_are_one_line_errors(bad, match):
+    from harness.errors import ConfigError
+    from harness.train.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[2]
+    with pytest.raises(ConfigError, match=match) as e:
+        load_recipe(root / "recipes" / "tiny-cpu.yaml", ["model.source=x", "data.root=y", bad])
+    assert "\n" not in str(e.value)
