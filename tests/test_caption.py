@@ -293,3 +293,12 @@ def test_caption_hostile_folder_only_good_images_nothing_written_outside(blip, t
     assert sorted(p.name for p in outside.iterdir()) == before_outside
     assert all((root / name).read_bytes() == data for name, data in before.items())
     assert not (root / "metadata.jsonl.tmp").exists() and not (root / "escape.txt").exists()
+
+
+def test_summary_counts_distinct_captions_and_warns_when_few(tmp_path):
+    from harness.caption.blip import CaptionSummary
+
+    s = CaptionSummary(root=tmp_path, captioned=[(tmp_path / f"{i}.png", "a cat" if i % 10 else "a dog")
+                                                 for i in range(20)])
+    assert s.distinct == 2 and s.counts()["distinct"] == 2
+    assert "2 distinct caption(s)" in s.format() and "only 2 distinct captions for 20 images" in s.format()

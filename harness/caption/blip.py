@@ -45,14 +45,23 @@ class CaptionSummary:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (path, reason)
     short: list[Path] = field(default_factory=list)  # written, still under min_words after retries
 
+    @property
+    def distinct(self) -> int:
+        """Different captions written: a model that says the same thing for every image trains nothing."""
+        return len({text for _, text in self.captioned})
+
     def counts(self) -> dict[str, int]:
-        return {"captioned": len(self.captioned), "skipped": len(self.skipped), "failed": len(self.failed),
-                "short": len(self.short)}
+        return {"captioned": len(self.captioned), "distinct": self.distinct, "skipped": len(self.skipped),
+                "failed": len(self.failed), "short": len(self.short)}
 
     def format(self) -> str:
         verb = "would caption" if self.dry_run else "captioned"
         lines = [f"{self.root}: {verb} {len(self.captioned)}, skipped {len(self.skipped)} (already captioned), "
-                 f"failed {len(self.failed)}" + (f", {len(self.short)} still under min_words" if self.short else "")]
+                 f"failed {len(self.failed)}" + (f", {len(self.short)} still under min_words" if self.short else "")
+                 + f"; {self.distinct} distinct caption(s)"]
+        if len(self.captioned) >= 10 and self.distinct <= len(self.captioned) // 4:
+            lines.append(f"  warning: only {self.distinct} distinct captions for {len(self.captioned)} images "
+                         "(try --num-beams, sampling or --min-words)")
         lines += [f"  failed {p}: {why}" for p, why in self.failed]
         return "\n".join(lines)
 

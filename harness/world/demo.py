@@ -87,6 +87,7 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
     log.info("demo 3/5: captioning them with the world's BLIP, suffix %r", SUFFIX)
     summary = caption_folder(data, model=str(world / "blip"), suffix=SUFFIX, num_beams=1, max_new_tokens=24,
                              progress=progress)
+    log.info("demo 3/5: %s; %s", summary.format().splitlines()[0], caption_accuracy(summary))
     log.info("demo 4/5: fine-tuning the base with %s", recipe)
     run_dir = out / "finetune"
     final = run_dir / "final"
@@ -106,8 +107,19 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
     report = _report(out / "eval", run_dir, checks["sentence"])
     atomic_write_json(out / "demo.json", {"world": str(world), "finetune": str(final), "report": str(report),
                                           "summary": text, "captioned": getattr(summary, "captioned", None),
+                                          "caption_counts": summary.counts(), "caption_check": caption_accuracy(summary),
                                           "shift": shift, "artifact_checks": checks})
     return DemoResult(out, world, Path(final), report, text, res.results, shift=shift)
+
+
+def caption_accuracy(summary) -> str:
+    """How often the world's BLIP named the digit the file holds (the demo's files end in its word)."""
+    pairs = [(Path(p).stem.rsplit("_", 1)[-1], text) for p, text in summary.captioned]
+    pairs = [(w, t) for w, t in pairs if w in DD.DIGIT_WORDS]
+    if not pairs:
+        return "no caption to check"
+    right = sum(f" {w} " in f" {t.replace(',', ' ')} " for w, t in pairs)
+    return f"the digit is right in {right}/{len(pairs)} captions"
 
 
 def artifact_checks(eval_dir: Path, world: Path, subset: str = "in_domain") -> dict:
