@@ -88,7 +88,23 @@ def _open_checked(source, path: Path, max_pixels: int) -> Image.Image:
     if w * h > max_pixels:
         raise HarnessError(f"{path}: refused: {w}x{h} = {w * h:,} pixels is above the limit of "
                            f"{max_pixels:,} (max_pixels; raise it if this image is genuine)")
+    decoded = w * h * bytes_per_pixel(im.mode)
+    if decoded > 3 * max_pixels:  # the budget of an 8-bit RGB image at the pixel limit
+        raise HarnessError(f"{path}: refused: {w}x{h} in mode {im.mode} decodes to {decoded / 2**20:,.0f} MiB, above "
+                           f"the limit of {3 * max_pixels / 2**20:,.0f} MiB (3 bytes x max_pixels; raise max_pixels "
+                           "if this image is genuine)")
     return im
+
+
+# Bytes a decoded pixel takes in memory, by PIL mode (16/32-bit and float images are the costly ones).
+_BYTES = {"1": 1, "L": 1, "P": 1, "LA": 2, "PA": 2, "La": 2, "RGB": 3, "YCbCr": 3, "LAB": 3, "HSV": 3,
+          "RGBA": 4, "RGBa": 4, "RGBX": 4, "CMYK": 4, "I": 4, "F": 4}
+
+
+def bytes_per_pixel(mode: str) -> int:
+    if mode.startswith("I;16"):
+        return 2
+    return _BYTES.get(mode, 4)
 
 
 def _orientation(im: Image.Image) -> int:
@@ -142,7 +158,7 @@ def _to_rgb(im: Image.Image) -> Image.Image:
 def _wide_to_rgb(im: Image.Image) -> Image.Image:
     """16/32-bit integer and float images: scale to 8 bits instead of PIL's clipping (which turns
     a 16-bit photo almost white)."""
-    arr = np.asarray(im).astype(np.float64)
+    arr = np.asarray(im).astype(np.float32)  # float32: a 64 MP float TIFF costs 256 MiB here, not 512
     if im.mode == "F":
         peak = 1.0 if arr.size and np.nanmax(arr) <= 1.0 else 255.0
     elif im.mode.startswith("I;16"):

@@ -161,3 +161,17 @@ def test_out_of_range_seeds_are_one_line_errors(bad, match):
     with pytest.raises(ConfigError, match=match) as e:
         load_recipe(root / "recipes" / "tiny-cpu.yaml", ["model.source=x", "data.root=y", bad])
     assert "\n" not in str(e.value)
+
+
+def test_wide_images_are_limited_by_decoded_bytes_not_only_pixels(tmp_path):
+    """A float or 16-bit image costs more memory per pixel than RGB: the limit is on decoded bytes."""
+    import numpy as np
+    from PIL import Image
+
+    from harness.data.images import open_rgb
+
+    Image.fromarray(np.zeros((90, 100), np.float32), mode="F").save(tmp_path / "float.tif")
+    Image.fromarray(np.zeros((90, 100, 3), np.uint8)).save(tmp_path / "rgb.png")
+    with pytest.raises(HarnessError, match=r"float.tif: refused: 100x90 in mode F decodes to"):
+        open_rgb(tmp_path / "float.tif", max_pixels=10_000)  # 36 KB decoded > 3 x 10,000
+    assert open_rgb(tmp_path / "rgb.png", max_pixels=10_000).size == (100, 90)  # 27 KB: within
