@@ -125,7 +125,7 @@ RUN_MARKER = ".harness-run"  # written into every run folder: what marks a folde
 
 def is_run_folder(path: Path) -> bool:
     """A folder a harness training run made (its marker, or the files an older run left)."""
-    if (path / RUN_MARKER).is_file():
+    if (path / RUN_MARKER).is_file() or list_checkpoints(path):  # a run, or checkpoints copied in to resume
         return True
     return (path / "recipe.yaml").is_file() and (path / "provenance.json").is_file() and \
         any((path / x).exists() for x in (CHECKPOINTS, "final", "metrics.jsonl"))

@@ -85,14 +85,14 @@ def test_caption_journal_append_fails_with_path(zoo_dir, tmp_path, monkeypatch):
     from _data_helpers import write_photos
 
     write_photos(tmp_path, ["rocket"])
-    real_open = open
+    real_open = os.open
 
-    def full_open(file, mode="r", *a, **kw):
-        if str(file).endswith(".harness-captions.jsonl") and "a" in mode:
+    def full_open(file, flags, *a, **kw):  # the journal is appended through os.open (O_NOFOLLOW)
+        if str(file).endswith(".harness-captions.jsonl") and flags & os.O_APPEND:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return real_open(file, mode, *a, **kw)
+        return real_open(file, flags, *a, **kw)
 
-    monkeypatch.setattr("builtins.open", full_open)
+    monkeypatch.setattr("os.open", full_open)
     model, processor = load_captioner(zoo_dir / "blip", device="cpu")
     with pytest.raises(HarnessError, match=r"\.harness-captions\.jsonl: cannot append \(No space left on device\)"):
         caption_folder(tmp_path, model=model, processor=processor, output="jsonl", num_beams=1, max_retries=0,
