@@ -112,8 +112,11 @@ def test_dinov2_extractor_from_local_folder(tmp_path):
     Dinov2Model(Dinov2Config(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
                              image_size=28, patch_size=14)).save_pretrained(tmp_path)
     ext = get_extractor(f"dinov2:{tmp_path}")
-    assert ext.input_size == 28 and ext.dim == 32
+    # dgm-eval's 224 px, not the config's pretraining size (518 for the hub's DINOv2)
+    assert ext.input_size == 224 and ext.dim == 32
     assert ext.batch(_images(3, 0)).shape == (3, 32)
+    at28 = ext.variant(input_size=28)
+    assert at28.input_size == 28 and at28.identity != ext.identity and at28.model is ext.model
 
 
 def test_module_extractor_identity_tracks_weights():

@@ -6,6 +6,7 @@ Everything here is cheap and deterministic, so every process of a sharded run co
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import asdict, dataclass
@@ -36,9 +37,12 @@ class Item:
 class Checkpoint:
     label: str
     role: str  # "base" | "candidate"
-    source: str
+    source: str  # what the loader gets: a model, or BASE::LORA@SCALE (harness.models.lora_spec)
     sha256: str | None = None
     step: int | None = None  # training step, when the path names one (checkpoint-500, step_500)
+    lora: str | None = None  # BASE::LORA@SCALE sources: the LoRA, its scale and the model it is fused into
+    lora_scale: float | None = None
+    lora_base: str | None = None
 
 
 def heldout(data: str | Path | None, where: str) -> list:
@@ -97,43 +101,67 @@ def training_step(source: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_GENERIC = {"lora", "final", "pytorch_lora_weights", "adapter_model", "unet"}
+
+
 def _slug(text: str) -> str:
-    name = Path(str(text).rstrip("/")).name
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    parent = Path(str(text).rstrip("/")).parent.name
-    if training_step(text) is not None and parent:
-        name = f"{parent}-{name}"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:48].strip("._") or "model"
+    path = Path(str(text).rstrip("/"))
+    name = path.name.removesuffix(".safetensors")
+    while name in _GENERIC and path.parent.name:  # runs/style/lora -> style
+        path = path.parent
+        name = path.name
+    if training_step(text) is not None and path.parent.name:
+        name = f"{path.parent.name}-{name}"
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", name)[:48].strip("._") or "model"
+
+
+def _check_source(src: str, allow_pickle: bool) -> dict:
+    """Fail now on a missing or refused model or LoRA; the LoRA fields of a ``BASE::LORA@SCALE`` source."""
+    from harness.models.load import resolve_source
+    from harness.models.lora_format import find_lora
+    from harness.models.lora_spec import is_spec, parse_spec
+    from harness.models.safety import PICKLE_RISK
+
+    spec = parse_spec(src) if is_spec(src) else None
+    if resolve_source(spec.base if spec else src).kind == "pickle" and not allow_pickle:  # raises on a typo
+        raise UnsafeCheckpointError(f"{src}: refused: {PICKLE_RISK}")
+    if spec is None:
+        return {}
+    find_lora(spec.lora)  # a one-line error for a missing path or a file no loader reads
+    return {"lora": spec.lora, "lora_scale": spec.scale, "lora_base": spec.base}
 
 
 def checkpoints(base: str, candidates: list[str], *, allow_pickle: bool = False) -> list[Checkpoint]:
-    """Labels ('base', then each candidate's folder/file name, made unique); sources are checked now,
-    so a typo or a refused pickle fails before an hour of generating the base model's images."""
+    """Labels ('base', then each candidate's folder/file name, made unique; ``LORA@SCALE`` for
+    ``BASE::LORA@SCALE``); sources are checked now, so a typo or a refused pickle fails before an hour
+    of generating the base model's images."""
     if not candidates:
         raise ConfigError("give at least one --candidate checkpoint")
-    from harness.models.load import resolve_source
-    from harness.models.safety import PICKLE_RISK
-
     out, used = [], {"base"}
     for role, src in [("base", base)] + [("candidate", c) for c in candidates]:
-        if resolve_source(src).kind == "pickle" and not allow_pickle:  # raises CheckpointError with the reason
-            raise UnsafeCheckpointError(f"{src}: refused: {PICKLE_RISK}")
+        lora = _check_source(str(src), allow_pickle)
         if role == "base":
             label = "base"
         else:
-            stem, label, k = _slug(src), _slug(src), 2
+            stem = f"{_slug(lora['lora'])}@{lora['lora_scale']:g}" if lora else _slug(src)
+            label, k = stem, 2
             while label in used:
                 label, k = f"{stem}-{k}", k + 1
         used.add(label)
-        out.append(Checkpoint(label=label, role=role, source=str(src), step=training_step(src)))
+        out.append(Checkpoint(label=label, role=role, source=str(src), step=training_step(lora.get("lora", src)),
+                              **lora))
     return out
 
 
 def hash_checkpoint(source: str) -> str:
     from harness.models.load import resolve_source
+    from harness.models.lora_spec import is_spec, parse_spec
     from harness.provenance import tree_sha256
 
+    if is_spec(source):  # the base's hash, the LoRA's and the scale, as one
+        spec = parse_spec(source)
+        joined = f"{hash_checkpoint(spec.base)}::{tree_sha256(spec.lora)}@{spec.scale!r}"
+        return hashlib.sha256(joined.encode()).hexdigest()
     src = resolve_source(source)
     if src.kind == "hub":
         return f"hub:{src.ref}"  # the hub's revision is whatever the cache holds; recorded as the id

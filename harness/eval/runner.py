@@ -25,7 +25,7 @@ from pathlib import Path
 from harness.config import dump_yaml
 from harness.errors import HarnessError
 from harness.eval import layout, plan
-from harness.eval.suite import Suite, load_suite, suite_identity
+from harness.eval.suite import Suite, check_extractors, load_suite, suite_identity
 from harness.eval.verdict import GateResult
 from harness.io import atomic_write_json, atomic_write_text
 from harness.lock import run_lock
@@ -85,6 +85,7 @@ def run_eval(suite_path: str | Path, *, base: str, candidates: Sequence[str], ou
     device = device or ("cpu" if state.device.type == "cpu" else str(state.device))
     run_dir = Path(out)
     suite = load_suite(suite_path, list(overrides))
+    check_extractors(suite, str(suite_path))  # an extractor that cannot load fails now, not after generating
     identity = suite_identity(suite, suite_path)
     items = plan.prompt_items(suite, suite_path, data)
     ckpts = plan.checkpoints(base, list(candidates), allow_pickle=allow_pickle)

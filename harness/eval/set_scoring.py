@@ -1,6 +1,10 @@
 """The set-level metrics of :mod:`harness.eval.scoring`, which compare whole sets of images: set-vs-set
-(FID, KID, CMMD) against the reference images, with a joint bootstrap for the difference, and the
-detector-embedding cluster KL between the reference, the base and each candidate."""
+(FID, KID, CMMD) against the reference images, with a permutation null for the difference, and the
+detector-embedding cluster KL between the reference, the base and each candidate.
+
+A set metric uses its own extractor (FID: Inception, fid_clip: CLIP ViT-B/32, CMMD: CLIP ViT-L/14@336,
+...) unless the suite sets ``settings.extractor`` (``models.clip`` = the suite's CLIP); each row names
+the extractor it used (``extractor``) and the reference count (``n_ref``) beside ``n``."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import numpy as np
 
 from harness.errors import ConfigError, HarnessError
 from harness.eval.score_rows import Scoring, row, set_diff
+from harness.eval.suite import SUITE_CLIP
 from harness.eval.verdict import paired_set_permutation
 from harness.metrics.features import file_features
 
@@ -32,6 +37,16 @@ def _canon(x: np.ndarray) -> np.ndarray:
     return x[canonical_order(x)]
 
 
+def _metric_extractor(sc: Scoring, cls, settings: dict):
+    """The extractor the metric computes on (popping ``extractor`` from ``settings``), in the variant the
+    metric's reference uses; a suite's ``crop`` / ``resize`` / ``input_size`` settings override it."""
+    spec = settings.pop("extractor", None)
+    spec = f"clip:{sc.suite.models.clip}" if spec == SUITE_CLIP else spec or cls.default_extractor
+    base = sc.extractor(spec) if isinstance(spec, str) else spec
+    return cls.prepare_extractor(base, device=sc.device, **{k: settings.get(k) for k in ("crop", "resize",
+                                                                                         "input_size")})
+
+
 def set_metric(sc: Scoring, label: str, name: str, cls, settings: dict, subsets: Sequence[str]) -> None:
     if not sc.reference:
         raise ConfigError(f"metric {label!r} ({name}) compares with reference images: give the suite a "
@@ -39,8 +54,7 @@ def set_metric(sc: Scoring, label: str, name: str, cls, settings: dict, subsets:
     ci = sc.suite.ci
     settings = dict(settings)
     n_boot = int(settings.pop("n_boot", min(ci.n_boot, 100)))
-    spec = settings.pop("extractor", None) or f"clip:{sc.suite.models.clip}"
-    ext = sc.extractor(spec) if isinstance(spec, str) else spec
+    ext = _metric_extractor(sc, cls, settings)
     ref = file_features(sc.reference, ext, sc.cache_dir, desc="reference features", progress=sc.progress)
     for subset in subsets:
         feats: dict[str, dict[tuple[int, int], np.ndarray]] = {}
@@ -60,16 +74,23 @@ def set_metric(sc: Scoring, label: str, name: str, cls, settings: dict, subsets:
             note = "; ".join([*(res.get("warnings") or []), *([note] if note else [])]) or None
             r = row(ck, label, name, subset, res.get("value"), res.get("ci_low"), res.get("ci_high"), len(x),
                     bool(getattr(cls, "higher_is_better", False)), note)
+            # provenance of the row: what the features are, and the N the value belongs to
+            r.update(extractor=ext.identity, n_ref=len(ref),
+                     **{k: res[k] for k in ("kid_std", "kid_std_method", "subset_size") if k in res})
             if ck.role == "candidate" and res.get("value") is not None:
-                base_f = feats[sc.base.label]
-                pairs = sorted(set(base_f) & set(feats[ck.label]))  # images usable in both
-                b_ = np.stack([base_f[k] for k in pairs]) if pairs else np.zeros((0, x.shape[1]))
-                c_ = np.stack([feats[ck.label][k] for k in pairs]) if pairs else b_
-                set_diff(r, paired_set_permutation(_statistic(m), _canon(ref), b_.astype(np.float64),
-                                                   c_.astype(np.float64), n_perm=n_boot, alpha=ci.alpha, seed=ci.seed),
-                         ci.margin)
+                _paired_diff(sc, r, m, ref, feats[sc.base.label], feats[ck.label], x.shape[1], n_boot)
             sc.rows.append(r)
         _too_few(sc, label, name, cls, ext, ref, subset, feats)
+
+
+def _paired_diff(sc: Scoring, r: dict, m, ref, base_f: dict, cand_f: dict, dim: int, n_boot: int) -> None:
+    """The candidate - base difference and its permutation interval, on the images usable in both."""
+    ci = sc.suite.ci
+    pairs = sorted(set(base_f) & set(cand_f))
+    b_ = np.stack([base_f[k] for k in pairs]) if pairs else np.zeros((0, dim))
+    c_ = np.stack([cand_f[k] for k in pairs]) if pairs else b_
+    set_diff(r, paired_set_permutation(_statistic(m), _canon(ref), b_.astype(np.float64), c_.astype(np.float64),
+                                       n_perm=n_boot, alpha=ci.alpha, seed=ci.seed), ci.margin)
 
 
 def _too_few(sc: Scoring, label, name, cls, ext, ref, subset, feats) -> None:
@@ -87,8 +108,8 @@ def _too_few(sc: Scoring, label, name, cls, ext, ref, subset, feats) -> None:
     sc.notes.append(f"{label} ({subset}): {n} images per set with {ext.dim}-dimensional features; FID needs more "
                     f"images than feature dimensions (>= 2048 for Inception): read KID ({kid or label + ':kid'}) "
                     "instead")
-    if kid is None:
-        set_metric(sc, f"{label}:kid", "kid", KID, {"extractor": ext, "subset_size": max(2, min(n, 1000))}, [subset])
+    if kid is None:  # KID on the same features; below 1000 images it warns and takes its std from the bootstrap
+        set_metric(sc, f"{label}:kid", "kid", KID, {"extractor": ext}, [subset])
 
 
 # --- cluster KL (harness.metrics) ----------------------------------------------------------------
@@ -134,12 +155,14 @@ def cluster_kl(sc: Scoring, label: str, name: str, cls, settings: dict, subsets:
             if base_row is None:
                 lo, hi = cis.get("kl_od_bm", [None, None])
                 base_row = row(sc.base, label, name, subset, res.get("kl_od_bm"), lo, hi, len(bm), False, note)
+                base_row.update(extractor=res.get("embedder"), n_ref=len(od))
                 sc.rows.append(base_row)
             lo, hi = cis.get("kl_od_tm", [None, None])
             extra = ", ".join(f"{k}={res[k]:.3g}" for k in ("kl_bm_tm", "js_od_tm", "class_kl_od_tm")
                               if isinstance(res.get(k), (int, float)))
             r = row(ck, label, name, subset, res.get("value"), lo, hi, res.get("n_b"), False,
                     "; ".join(x for x in (extra, note) if x) or None)
+            r.update(extractor=res.get("embedder"), n_ref=len(od))
             pd = res.get("paired_diff")
             if r["value"] is not None and base_row["value"] is not None:
                 # the permutation interval of KL(OD||TM) - KL(OD||BM); without >= 2 pairs, no verdict

@@ -206,6 +206,58 @@ def check_metric_names(suite: Suite, where: str, known: dict[str, Any] | None = 
                               f"known metrics: {', '.join(sorted(known))}")
 
 
+SUITE_CLIP = "models.clip"  # a set metric's settings.extractor naming the suite's CLIP (models.clip)
+EXTRACTOR_SETTINGS = ("crop", "resize", "input_size")  # set-metric settings that change its features
+
+
+def extractor_spec(suite: Suite, label: str, cls=None):
+    """The extractor a set metric of the suite uses: ``settings.extractor`` when given (``models.clip``
+    = the suite's CLIP), else the metric's own default, the model its reference uses."""
+    spec = suite.metrics[label].settings.get("extractor")
+    if spec == SUITE_CLIP:
+        return f"clip:{suite.models.clip}"
+    if spec:
+        return spec
+    cls = cls or metric_class(suite.metric_name(label))
+    return cls.default_extractor
+
+
+def _is_set_metric(cls) -> bool:
+    from harness.metrics.fid import FeatureSetMetric
+
+    return isinstance(cls, type) and issubclass(cls, FeatureSetMetric)
+
+
+def _local_hint(kind: str, key: str) -> str:
+    if key == SUITE_CLIP:
+        return f"--set {key}=DIR (a local open_clip folder)"
+    folder = {"clip": "clip:DIR (a local open_clip folder)", "dinov2": "dinov2:DIR (a local DINOv2 folder)"}
+    return f"--set {key}={folder.get(kind, 'clip:DIR or dinov2:DIR')}"
+
+
+def check_extractors(suite: Suite, where: str) -> None:
+    """Fail in one line, before anything is generated, when a set metric's extractor (or CLIP score's
+    CLIP) cannot load here: a missing folder or package, or offline weights that are not cached."""
+    from harness.metrics.extractors import EXTRACTORS, extractor_problem
+
+    for label, spec in suite.metrics.items():
+        name = suite.metric_name(label)
+        cls = metric_class(name)
+        if _is_set_metric(cls):
+            ext = extractor_spec(suite, label, cls)
+            key = SUITE_CLIP if spec.settings.get("extractor") == SUITE_CLIP else f"metrics.{label}.settings.extractor"
+        elif name == "clip_score":
+            ext = spec.settings.get("model") or f"clip:{suite.models.clip}"
+            key = f"metrics.{label}.settings.model" if spec.settings.get("model") else SUITE_CLIP
+        else:
+            continue
+        kind = ext.partition(":")[0] if isinstance(ext, str) else None
+        problem = extractor_problem(ext) if kind in EXTRACTORS else None
+        if problem:
+            raise ConfigError(f"{where}: metric {label!r} ({name}) uses {ext}: {problem}; point it at a local "
+                              f"copy with {_local_hint(kind, key)}")
+
+
 def load_suite(path: str | Path, overrides: list[str] | None = None, *, check_names: bool = True) -> Suite:
     """Read and validate a suite file; ``overrides`` are ``key=value`` strings (``ci.n_boot=200``)."""
     suite = load_config(Suite, path, overrides)

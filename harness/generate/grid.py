@@ -21,6 +21,7 @@ every cell's pixel box, so the report can rebuild captions and crop cells::
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from dataclasses import asdict, dataclass, field
@@ -31,6 +32,7 @@ from harness.generate.axes import Axis, check_axes, parse_axis
 from harness.generate.batch import Job, job_key, make_params, run_jobs
 from harness.generate.grid_draw import Layout, draw_grid, draw_overview, pages, save_image
 from harness.io import atomic_write_json
+from harness.models.lora_spec import is_spec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +102,9 @@ def plan_grid(spec: GridSpec) -> GridPlan:
         seeds = [None]  # the axis gives each cell its seed
     elif not seeds:
         raise ConfigError("seeds: give at least one seed")
+    if is_spec(spec.checkpoint) and not spec.lora:  # BASE::LORA@SCALE: the LoRA's scale may be an axis
+        m = parse_spec(spec.checkpoint)
+        spec = dataclasses.replace(spec, checkpoint=m.base, lora=m.lora, lora_scale=m.scale if spec.lora_scale is None else spec.lora_scale)
     if "lora_scale" in names and not spec.lora:
         raise ConfigError("axis lora_scale needs LoRA weights: set lora (--lora)")
     if "checkpoint" not in names and not spec.checkpoint:

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from harness.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 
@@ -24,12 +26,15 @@ def default_dtype(device: str) -> torch.dtype:
 
 def load(source, *, device: str | None = None, dtype: torch.dtype | None = None, lora: str | None = None,
          lora_scale: float | None = None, allow_pickle: bool = False):
-    """A ``StableDiffusionPipeline`` for ``source`` (hub id, diffusers folder, single file), with ``lora``
-    fused at ``lora_scale`` (default 1)."""
+    """A ``StableDiffusionPipeline`` for ``source`` (hub id, diffusers folder, single file, or
+    ``BASE::LORA@SCALE``), with ``lora`` fused at ``lora_scale`` (default 1)."""
     from harness.models.load import load_pipeline
+    from harness.models.lora_spec import is_spec
 
     if not isinstance(source, (str, bytes, os.PathLike)) and hasattr(source, "unet"):
         return source  # already a pipeline (tests, notebooks)
+    if is_spec(source) and (lora is not None or lora_scale is not None):
+        raise ConfigError(f"{source}: names its LoRA and scale already; do not pass --lora/--lora-scale as well")
     device = device or default_device()
     dtype = dtype or default_dtype(device)
     return load_pipeline(str(source), dtype=dtype, device=device, lora=lora,

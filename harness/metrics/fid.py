@@ -12,6 +12,11 @@ Memory, the trade-off:
   (float32 on the CPU by default, ``feature_dtype=torch.float16`` halves it); beyond that a uniform
   reservoir sample is kept and a warning says so.
 States are registered with ``dist_reduce_fx`` (sum / cat), so they sync across processes.
+
+Each metric owns its extractor default (``default_extractor``: the model its reference uses) and the
+way its reference prepares images and features for each extractor kind (``extractor_options``: crop,
+resize, L2 normalisation; see :mod:`harness.metrics.extractors`). ``reference`` names what it follows.
+A user ``nn.Module`` is used as given.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from harness.metrics.base import canonical_order, cat_state, record
 from harness.metrics.bootstrap import bootstrap_ci
 from harness.metrics.features import Extractor, get_extractor
 
+# clean-fid's CLIP features (clip_features.img_preprocess_clip): Resize(S) + CenterCrop(S), raw embeddings
+CLEANFID_CLIP = {"normalize": False, "crop": "resize-crop"}
+# dgm-eval's DINOv2 encoder: Resize((224, 224)) bicubic, no crop, raw CLS features
+DGM_EVAL_DINOV2 = {"normalize": False, "crop": "none", "input_size": 224}
+RAW = {"clip": CLEANFID_CLIP, "dinov2": DGM_EVAL_DINOV2, "inception": {"normalize": False, "crop": "none"}}
+
 log = logging.getLogger(__name__)
 
 SIDES = ("real", "fake")
@@ -40,16 +51,20 @@ class FeatureSetMetric(Metric):
     higher_is_better = False
     full_state_update = False
     default_extractor = "inception"
+    extractor_options: dict[str, dict] = RAW  # by extractor kind
+    reference = ""
     keeps_features = True
     lower_bound: float | None = None  # the statistic's floor, where it has one (FID: 0); clips intervals
 
-    def __init__(self, extractor=None, *, num_features: int | None = None, max_samples: int = 50_000,
+    def __init__(self, extractor=None, *, crop: str | None = None, resize: str | None = None,
+                 input_size: int | None = None, num_features: int | None = None, max_samples: int = 50_000,
                  feature_dtype: torch.dtype = torch.float32, seed: int = 0, **kwargs):
         super().__init__(**kwargs)
         if extractor is None and num_features is None:
             extractor = self.default_extractor
         # A plain attribute, not a submodule: the extractor is not part of the metric's state.
-        self.__dict__["extractor"] = get_extractor(extractor) if extractor is not None else None
+        self.__dict__["extractor"] = None if extractor is None else self.prepare_extractor(
+            extractor, crop=crop, resize=resize, input_size=input_size)
         self.num_features = int(num_features or self.extractor.dim)
         self.max_samples, self.feature_dtype, self.seed = int(max_samples), feature_dtype, int(seed)
         self._rng = np.random.default_rng(seed)
@@ -58,6 +73,15 @@ class FeatureSetMetric(Metric):
             self.add_state(f"{side}_n", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
             if self.keeps_features:
                 self.add_state(f"{side}_feats", default=[], dist_reduce_fx="cat")
+
+    @classmethod
+    def prepare_extractor(cls, extractor, device="cpu", **overrides) -> Extractor:
+        """``extractor`` (a spec, Extractor or nn.Module) as this metric's reference feeds it, with the
+        suite's ``crop`` / ``resize`` / ``input_size`` settings over that."""
+        ext = get_extractor(extractor, device=device)
+        options = {} if ext.kind == "module" else dict(cls.extractor_options.get(ext.kind, {}))
+        options.update({k: v for k, v in overrides.items() if v is not None})
+        return ext.variant(**options)
 
     @property
     def identity(self) -> str:
@@ -148,7 +172,8 @@ class FeatureSetMetric(Metric):
 
     def _describe(self) -> dict:
         d = self.extractor.describe() if isinstance(self.extractor, Extractor) else {"extractor": self.identity}
-        return {**d, "max_samples": self.max_samples, "feature_dtype": str(self.feature_dtype)}
+        return {**d, "reference": self.reference, "max_samples": self.max_samples,
+                "feature_dtype": str(self.feature_dtype)}
 
     @property
     def metric_name(self) -> str:
@@ -160,6 +185,9 @@ class FID(FeatureSetMetric):
 
     keeps_features = False
     lower_bound = 0.0
+    reference = ("pytorch-fid / clean-fid / torchmetrics FID: Inception-v3 pool3 (torch-fidelity's 2015-12-05 "
+                 "weights); resize 'clean' = PIL bicubic on uint8 to 299 (clean-fid resizes float channels, "
+                 "so not bit-exact) or 'legacy-torchmetrics' = torch-fidelity's TF1 bilinear (torchmetrics)")
 
     def __init__(self, extractor=None, *, ci_samples: int = 5000, **kwargs):
         super().__init__(extractor, **kwargs)
@@ -236,7 +264,7 @@ class FID(FeatureSetMetric):
                     warnings.append("FID interval approximated from a reservoir (raise ci_samples for an exact one)")
             else:
                 warnings.append("no interval: FID was built with ci_samples=0")
-            return record("fid", value, n_a=n_a, n_b=n_b, ci=ci, warnings=warnings,
+            return record(self.metric_name, value, n_a=n_a, n_b=n_b, ci=ci, warnings=warnings,
                           extra={**self._describe(), "ci_samples": self.ci_samples})
 
     @property
@@ -245,7 +273,14 @@ class FID(FeatureSetMetric):
 
 
 class KID(FeatureSetMetric):
-    """Kernel Inception Distance: unbiased polynomial-kernel MMD^2, mean and std over random subsets."""
+    """Kernel Inception Distance: unbiased polynomial-kernel MMD^2, mean and std over random subsets.
+
+    A ``subset_size`` above the smaller set's N is not refused (eval suites are often small): subsets of N
+    are used with a warning, and the std comes from the bootstrap, since subsets that hold a whole set
+    are all alike (their std would read 0). torchmetrics and torch-fidelity refuse such a size."""
+
+    reference = ("Binkowski et al. 2018 / torchmetrics / torch-fidelity KID: Inception pool3, kernel "
+                 "(x.y/d + 1)^3, 100 subsets of 1000; papers print KID x 10^3")
 
     def __init__(self, extractor=None, *, subsets: int = 100, subset_size: int = 1000, degree: int = 3,
                  coef: float = 1.0, **kwargs):
@@ -253,35 +288,64 @@ class KID(FeatureSetMetric):
         self.subsets, self.subset_size, self.degree, self.coef = subsets, subset_size, degree, coef
 
     def statistic(self, real, fake, subsets: int | None = None):
+        return self._kid(real, fake, subsets)[0]
+
+    def _kid(self, real, fake, subsets: int | None = None) -> tuple[float, float]:
         return frechet.kid(real, fake, subsets=subsets or self.subsets, subset_size=self.subset_size,
-                           degree=self.degree, coef=self.coef, seed=self.seed)[0]
+                           degree=self.degree, coef=self.coef, seed=self.seed)
+
+    def _whole_sets(self) -> bool:
+        """Whether every subset would hold all of the smaller set (its subset std then means nothing)."""
+        return self.subset_size >= min(self.counts())
+
+    def _warnings(self) -> list[str]:
+        out = super()._warnings()
+        if self._whole_sets():
+            n = min(self.counts())
+            out.append(f"KID subset_size {self.subset_size} >= the {n} images of the smaller set: subsets of {n} "
+                       "(the whole set) are used and the std is the bootstrap's; torchmetrics would refuse this size")
+        return out
+
+    def _boot(self, real, fake, n_boot: int, alpha: float, seed: int, estimate: float) -> dict:
+        # Fewer subsets per replicate: the bootstrap already averages over resamples.
+        return bootstrap_ci(lambda a, b: self.statistic(a, b, subsets=10), [real, fake], n_boot=n_boot,
+                            alpha=alpha, seed=seed, estimate=estimate)
 
     def compute(self):
-        """(mean, std) over subsets, like torchmetrics' KernelInceptionDistance."""
+        """(mean, std) over subsets, like torchmetrics' KernelInceptionDistance (see the class docstring)."""
         self._check_counts()
-        m, s = frechet.kid(self.features("real"), self.features("fake"), subsets=self.subsets,
-                           subset_size=self.subset_size, degree=self.degree, coef=self.coef, seed=self.seed)
+        real, fake = self.features("real"), self.features("fake")
+        m, s = self._kid(real, fake)
+        if self._whole_sets():
+            s = self._boot(real, fake, 50, 0.05, self.seed, m)["boot_std"]
         return torch.tensor(m, dtype=torch.float64), torch.tensor(s, dtype=torch.float64)
 
     def compute_ci(self, n_boot: int = 100, alpha: float = 0.05, seed: int = 0) -> dict:
         with self.sync_context():
             self._check_counts()
             real, fake = self.features("real"), self.features("fake")
-            m, s = frechet.kid(real, fake, subsets=self.subsets, subset_size=self.subset_size,
-                               degree=self.degree, coef=self.coef, seed=self.seed)
-            # Fewer subsets per replicate: the bootstrap already averages over resamples.
-            ci = bootstrap_ci(lambda a, b: self.statistic(a, b, subsets=10), [real, fake],
-                              n_boot=n_boot, alpha=alpha, seed=seed, estimate=m)
+            m, s = self._kid(real, fake)
+            ci = self._boot(real, fake, n_boot, alpha, seed, m)
+            whole = self._whole_sets()
             n_a, n_b = self.counts()
             return record("kid", m, n_a=n_a, n_b=n_b, ci=ci, warnings=self._warnings(),
-                          extra={**self._describe(), "kid_std": s, "subsets": self.subsets,
+                          extra={**self._describe(), "kid_std": ci["boot_std"] if whole else s,
+                                 "kid_std_method": "bootstrap" if whole else "subsets", "subsets": self.subsets,
                                  "subset_size": min(self.subset_size, len(real), len(fake))})
 
 
 class CMMD(FeatureSetMetric):
-    """CMMD: Gaussian-RBF MMD on (L2-normalised) CLIP image embeddings, x1000 (Jayasumana et al. 2024)."""
+    """CMMD: Gaussian-RBF MMD on L2-normalised CLIP ViT-L/14@336 image embeddings, x1000 (Jayasumana et
+    al. 2024). Its value falls with N (same distribution: ~0.16 at 100 images, ~0.015 at 1,000): compare
+    rows at equal N only."""
 
     default_extractor = "clip:ViT-L-14-336:openai"
+    # google-research cmmd: io_util centre-crops then resizes (PIL bicubic), embedding.py normalises
+    extractor_options = {"clip": {"normalize": True, "crop": "crop-resize"},
+                         "dinov2": {"normalize": True, "crop": "none", "input_size": 224},
+                         "inception": {"normalize": True, "crop": "none"}}
+    reference = ("google-research/cmmd: CLIP ViT-L/14@336 image_embeds, L2-normalised, centre crop then PIL "
+                 "bicubic resize, RBF sigma 10, x1000 (V-statistic)")
 
     def __init__(self, extractor=None, *, sigma: float = 10.0, scale: float = 1000.0, **kwargs):
         super().__init__(extractor, **kwargs)
@@ -292,12 +356,38 @@ class CMMD(FeatureSetMetric):
 
 
 class FIDClip(FID):
-    """FID on open_clip image features (default ViT-B-32 openai, as clean-fid's CLIP FID)."""
+    """FID on CLIP ViT-B/32 image embeddings the way clean-fid's ``model_name="clip_vit_b_32"`` computes
+    it: raw (not normalised) ``encode_image`` outputs of the image resized (shorter side, bicubic) and
+    centre-cropped to the model's input size."""
 
     default_extractor = "clip:ViT-B-32:openai"
+    reference = ("clean-fid compute_fid(model_name='clip_vit_b_32'): raw ViT-B/32 embeddings, "
+                 "Resize(224, bicubic) + CenterCrop(224)")
+
+    @property
+    def metric_name(self) -> str:
+        return "fid_clip"
+
+
+class FIDClipL2(FIDClip):
+    """FID on L2-normalised CLIP embeddings (what this harness's ``fid_clip`` was before it followed
+    clean-fid). Unit vectors bound it near 4; not comparable with clean-fid's CLIP FID."""
+
+    extractor_options = {**RAW, "clip": {**CLEANFID_CLIP, "normalize": True}}
+    reference = "none (harness): clean-fid's CLIP preprocessing, features L2-normalised; values are at most ~4"
+
+    @property
+    def metric_name(self) -> str:
+        return "fid_clip_l2"
 
 
 class FIDDinov2(FID):
-    """FID on DINOv2 CLS features (Stein et al. 2023 recommend DINOv2 ViT-L/14)."""
+    """FID on DINOv2 ViT-L/14 CLS features as dgm-eval computes it (Stein et al. 2023): 224 px, bicubic
+    resize to the square (no crop), raw features."""
 
     default_extractor = "dinov2:facebook/dinov2-large"
+    reference = "dgm-eval (Stein et al. 2023) FD_DINOv2: dinov2_vitl14 CLS, Resize((224, 224), bicubic)"
+
+    @property
+    def metric_name(self) -> str:
+        return "fid_dinov2"

@@ -7,8 +7,17 @@ All metrics see images the same way, whatever the caller hands over:
   (torchmetrics truncates instead);
 * grayscale (1 channel / PIL ``L``) is repeated to RGB, alpha is dropped;
 * resizing is PIL bicubic on the uint8 RGB image, per image (clean-fid's argument: PIL's
-  antialiased bicubic, not a framework's ``interpolate``), straight to the extractor's square input
-  (no crop, like clean-fid), so mixed sizes in one set are fine.
+  antialiased bicubic, not a framework's ``interpolate``), so mixed sizes in one set are fine. A
+  non-square image reaches the extractor's square input one of three ways (``CROPS``), each named for
+  the reference that does it:
+
+  - ``none``: stretched to the square (clean-fid's Inception modes, dgm-eval's DINOv2);
+  - ``resize-crop``: shorter side resized to the input size, then the centre cropped (torchvision's
+    ``Resize(S)`` + ``CenterCrop(S)``, which CLIP's own processors and clean-fid's CLIP features use);
+  - ``crop-resize``: the centred square cropped first, then resized (the CMMD reference's
+    ``io_util._center_crop_and_resize``).
+
+  Square images give the same pixels all three ways.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from harness.errors import HarnessError
 log = logging.getLogger(__name__)
 
 RESIZE_MODE = "pil_bicubic_uint8"
+CROPS = ("none", "resize-crop", "crop-resize")
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -83,7 +93,27 @@ def clean_resize(arr: np.ndarray, size: int | None) -> np.ndarray:
     return np.asarray(Image.fromarray(arr).resize((size, size), resample=Image.BICUBIC))
 
 
-def to_batch(images, size: int | None) -> torch.Tensor:
+def fit_square(arr: np.ndarray, size: int | None, crop: str = "none") -> np.ndarray:
+    """uint8 HxWx3 -> size x size by ``crop`` (see the module docstring); ``size`` None keeps it."""
+    h, w = arr.shape[:2]
+    if size is None or crop == "none" or h == w:
+        return clean_resize(arr, size)
+    if crop == "resize-crop":
+        # torchvision's arithmetic, so the pixels are the references' own: the long side is truncated,
+        # the crop offset rounded (Python's round, as torchvision's center_crop)
+        short, long = min(h, w), max(h, w)
+        nh, nw = (size, int(size * long / short)) if h < w else (int(size * long / short), size)
+        r = np.asarray(Image.fromarray(arr).resize((nw, nh), resample=Image.BICUBIC))
+        top, left = int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+        return np.ascontiguousarray(r[top:top + size, left:left + size])
+    if crop == "crop-resize":
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2  # floor offsets, as the CMMD reference
+        return clean_resize(np.ascontiguousarray(arr[top:top + side, left:left + side]), size)
+    raise HarnessError(f"crop {crop!r}: unknown; known: {', '.join(CROPS)}")
+
+
+def to_batch(images, size: int | None, crop: str = "none") -> torch.Tensor:
     """Any supported image input -> uint8 tensor [N, 3, size, size] (see the module docstring).
 
     ``images``: a uint8 or [0, 1] float tensor [N, C, H, W] / [N, H, W], or a sequence of PIL images,
@@ -105,7 +135,7 @@ def to_batch(images, size: int | None) -> torch.Tensor:
         raise HarnessError(f"images: expected a tensor or a list of images, got {type(images).__name__}")
     if not arrays:
         raise HarnessError("images: got an empty batch")
-    arrays = [clean_resize(a, size) for a in arrays]
+    arrays = [fit_square(a, size, crop) for a in arrays]
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise HarnessError(

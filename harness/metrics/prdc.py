@@ -18,6 +18,8 @@ class PRDC(FeatureSetMetric):
     Pairwise distances are n x n: keep ``max_samples`` modest (default 10,000)."""
 
     higher_is_better = True
+    reference = ("Naeem et al. 2020 (clovaai/generative-evaluation-prdc), k=5; the paper embeds with VGG16 fc2, "
+                 "harness defaults to Inception pool3 (no VGG extractor)")
 
     def __init__(self, extractor=None, *, k: int = 5, max_samples: int = 10_000, **kwargs):
         super().__init__(extractor, max_samples=max_samples, **kwargs)

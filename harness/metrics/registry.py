@@ -14,6 +14,7 @@ from harness.errors import HarnessError
 METRICS: dict[str, str | type] = {
     "fid": "harness.metrics.fid:FID",
     "fid_clip": "harness.metrics.fid:FIDClip",
+    "fid_clip_l2": "harness.metrics.fid:FIDClipL2",
     "fid_dinov2": "harness.metrics.fid:FIDDinov2",
     "kid": "harness.metrics.fid:KID",
     "cmmd": "harness.metrics.fid:CMMD",
@@ -25,7 +26,8 @@ METRICS: dict[str, str | type] = {
 }
 
 # Set-vs-set metrics computed from one shared feature pass (harness.metrics.score.score_sets).
-FEATURE_METRICS = ("fid", "fid_clip", "fid_dinov2", "kid", "cmmd", "prdc")
+# Each brings its own extractor (``default_extractor``: Inception, CLIP ViT-B/32, DINOv2 ViT-L/14, ...).
+FEATURE_METRICS = ("fid", "fid_clip", "fid_clip_l2", "fid_dinov2", "kid", "cmmd", "prdc")
 
 
 def register_metric(name: str, target: str | type) -> None:

@@ -31,18 +31,19 @@ def score_sets(metrics: Sequence[str], dir_a, dir_b, *, extractor=None, n_boot: 
     out = {}
     for name in metrics:
         cls = get_metric_class(name)
-        spec = extractor or cls.default_extractor
+        spec = extractor or cls.default_extractor  # each metric's own model unless one is given
         key = spec if isinstance(spec, str) else id(spec)
         if key not in extractors:
             extractors[key] = get_extractor(spec, device=device)
-        ext = extractors[key]
+        # the metric builds the variant its reference uses (crop, normalisation): features per variant
+        m = cls(extractors[key], seed=seed, **(metric_kwargs or {}).get(name, {}))
+        ext = m.extractor
         for side, folder in (("a", dir_a), ("b", dir_b)):
-            if (key, side) not in feats:
-                feats[(key, side)] = folder_features(folder, ext, cache_dir=cache_dir, batch_size=batch_size,
-                                                     progress=progress)
-        m = cls(ext, seed=seed, **(metric_kwargs or {}).get(name, {}))
-        m.update_features(feats[(key, "a")], real=True)
-        m.update_features(feats[(key, "b")], real=False)
+            if (ext.identity, side) not in feats:
+                feats[(ext.identity, side)] = folder_features(folder, ext, cache_dir=cache_dir,
+                                                              batch_size=batch_size, progress=progress)
+        m.update_features(feats[(ext.identity, "a")], real=True)
+        m.update_features(feats[(ext.identity, "b")], real=False)
         res = m.compute_ci(n_boot=n_boot, alpha=alpha, seed=seed)
         out[name] = {**res, "dir_a": str(dir_a), "dir_b": str(dir_b), "seed": seed}
     return out

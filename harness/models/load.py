@@ -98,9 +98,17 @@ def load_pipeline(source, *, dtype="fp32", device=None, scheduler: str | None = 
 
     ``dtype``: fp32/fp16/bf16 (None keeps the stored dtype for single files). ``device``: e.g. "cpu",
     "cuda:0". ``scheduler``: a short name from :data:`harness.models.schedulers.SCHEDULERS` or a diffusers scheduler class name.
-    ``lora``: a LoRA file or folder, fused into the weights at ``lora_scale``. ``allow_pickle``: permit
+    ``lora``: a LoRA file or folder, fused into the weights at ``lora_scale``; ``source`` may also be
+    ``BASE::LORA@SCALE`` (:mod:`harness.models.lora_spec`). ``allow_pickle``: permit
     ``.ckpt``/``.pt``/``.bin`` weights (read with ``torch.load(weights_only=True)`` only).
     ``cache_dir``: the Hugging Face cache to use for hub ids (default: the usual one)."""
+    from harness.models.lora_spec import is_spec, parse_spec
+
+    if is_spec(source):  # BASE::LORA@SCALE
+        spec = parse_spec(source)
+        if lora is not None:
+            raise HarnessError(f"{source}: names LoRA weights already; do not pass lora= (--lora) as well")
+        source, lora, lora_scale = spec.base, spec.lora, spec.scale
     src = resolve_source(source)
     torch_dtype = parse_dtype(dtype)
     log.info("loading %s (%s)", src.ref, src.kind)
@@ -193,20 +201,26 @@ def set_scheduler(pipe, name: str) -> None:
 
 
 def attach_lora(pipe, lora, *, scale: float = 1.0, allow_pickle: bool = False) -> None:
-    """Load LoRA weights (diffusers/peft or kohya/A1111 format) and fuse them into the base weights."""
+    """Load LoRA weights (diffusers, kohya/A1111 or a peft folder: :mod:`harness.models.lora_format`) and fuse
+    them into the base weights at ``scale`` (on top of each layer's alpha / rank)."""
+    from harness.models import lora_format as lf
+
     path = Path(lora).expanduser()
-    if not path.exists():
-        raise CheckpointError(f"{path}: LoRA weights not found; expected a .safetensors file or a folder")
-    if path.is_file():
-        kind = safety.sniff(path)
-        if kind == "pickle" and not allow_pickle:
+    pickled_dir = path.is_dir() and not any(path.rglob("*.safetensors")) and any(
+        f.suffix.lower() in safety.PICKLE_SUFFIXES for f in path.iterdir())
+    if pickled_dir:
+        safety.check_weight_files(path, allow_pickle=allow_pickle)  # refuses naming the pickled file
+    if (path.is_file() and safety.sniff(path) == "pickle") or pickled_dir:
+        if not allow_pickle:
             raise safety.UnsafeCheckpointError(f"{path}: refused: {safety.PICKLE_RISK}")
-        if kind == "safetensors" or path.suffix.lower() in safety.SAFETENSORS_SUFFIXES:
-            safety.read_safetensors_header(path)
-        load_from, kwargs = str(path.parent), {"weight_name": path.name}
+        load_from, kwargs = (str(path), {}) if pickled_dir else (str(path.parent), {"weight_name": path.name})
     else:
-        safety.check_weight_files(path, allow_pickle=allow_pickle)
-        load_from, kwargs = str(path), {}
+        found = lf.find_lora(path)
+        if found.format == "peft":  # diffusers reads no peft folder's alpha: folded into the weights
+            load_from, kwargs = lf.peft_as_diffusers(found), {}
+        else:
+            f = found.files["all"]
+            load_from, kwargs = str(f.parent), {"weight_name": f.name}
     try:
         pipe.load_lora_weights(load_from, adapter_name="harness_lora", use_safetensors=None if allow_pickle else True,
                                local_files_only=True, **kwargs)
@@ -241,8 +255,12 @@ def _weight_dtypes(src: Source) -> dict[str, int]:
 
 
 def describe(source, *, allow_pickle: bool = False, cache_dir=None) -> dict:
-    """What a checkpoint is, through the same loader: source kind, components, sizes, dtype, scheduler."""
-    src = resolve_source(source)
+    """What a checkpoint is, through the same loader: source kind, components, sizes, dtype, scheduler
+    (for ``BASE::LORA@SCALE``, the base's facts, the LoRA's description and the scale; it must fuse)."""
+    from harness.models.lora_spec import is_spec, parse_spec
+
+    spec = parse_spec(source) if is_spec(source) else None
+    src = resolve_source(spec.base if spec else source)
     pipe = load_pipeline(source, dtype=None, allow_pickle=allow_pickle, cache_dir=cache_dir)
     components = {}
     for name in ("unet", "vae", "text_encoder"):
@@ -255,6 +273,11 @@ def describe(source, *, allow_pickle: bool = False, cache_dir=None) -> dict:
     stored = _weight_dtypes(src)
     size = (src.path.stat().st_size if src.path.is_file() else
             sum(f.stat().st_size for f in src.path.rglob("*") if f.is_file())) if src.path else None
+    extra = {}
+    if spec is not None:
+        from harness.models.lora_info import describe_lora
+
+        extra = {"lora": describe_lora(spec.lora), "lora_scale": spec.scale}
     return {
         "source": os.fspath(source),
         "kind": src.kind,
@@ -271,4 +294,5 @@ def describe(source, *, allow_pickle: bool = False, cache_dir=None) -> dict:
         "cross_attention_dim": pipe.unet.config.cross_attention_dim,
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "bytes_on_disk": size,
+        **extra,
     }

@@ -225,6 +225,16 @@ def _rename(key: str, pairs: list[tuple[str, str, dict]], component: str) -> str
     return dst + rest
 
 
+def unet_ldm_name(key: str, pairs: list[tuple[str, str, dict]]) -> str:
+    """A diffusers UNet weight's single-file name (``pairs`` from :func:`unet_prefix_map`)."""
+    return PREFIX["unet"] + _rename(key, pairs, "unet")
+
+
+def text_encoder_ldm_name(key: str) -> str:
+    """A CLIP text-encoder weight's single-file name (with or without transformers' ``text_model.`` level)."""
+    return PREFIX["text_encoder"] + "text_model." + key.removeprefix("text_model.")
+
+
 def diffusers_to_ldm(pipe) -> dict:
     """The pipeline's weights under their original LDM / A1111 single-file names."""
     import torch
@@ -243,7 +253,7 @@ def diffusers_to_ldm(pipe) -> dict:
                               "pipe.unload_lora_weights()")
     unet_pairs = unet_prefix_map(dict(pipe.unet.config))
     for k, v in pipe.unet.state_dict().items():
-        put(PREFIX["unet"] + _rename(k, unet_pairs, "unet"), v)
+        put(unet_ldm_name(k, unet_pairs), v)
     vae_pairs = vae_prefix_map(dict(pipe.vae.config))
     for k, v in pipe.vae.state_dict().items():
         name = _rename(k, vae_pairs, "vae")
@@ -251,7 +261,7 @@ def diffusers_to_ldm(pipe) -> dict:
             v = v.reshape(*v.shape, 1, 1)  # LDM's VAE attention uses 1x1 convolutions
         put(PREFIX["vae"] + name, v)
     for k, v in pipe.text_encoder.state_dict().items():
-        put(PREFIX["text_encoder"] + "text_model." + k.removeprefix("text_model."), v)
+        put(text_encoder_ldm_name(k), v)
     n_pos = pipe.text_encoder.config.max_position_embeddings
     # The original CLIP checkpoints carry position_ids; A1111 and ComfyUI expect the key.
     out.setdefault(PREFIX["text_encoder"] + "text_model.embeddings.position_ids", torch.arange(n_pos)[None])

@@ -2,7 +2,8 @@
 
 Typical use: one eval run per checkpoint of a training run (checkpoint-500, checkpoint-1000, ...),
 to pick the last checkpoint before the fine-tune "looks burnt". The step comes from the checkpoint's
-name (``checkpoint-500``, ``step_500``); runs without one are placed by their order on the command line.
+name (``checkpoint-500``, ``step_500``); a ``BASE::LORA@SCALE`` candidate without one by its LoRA scale (one
+eval run per strength); others by their order on the command line.
 """
 
 from __future__ import annotations
@@ -22,21 +23,33 @@ log = logging.getLogger(__name__)
 
 
 def collect(run_dirs: Sequence[str | Path]) -> pd.DataFrame:
-    """All runs' tidy rows with a ``run`` column; candidates without a step get their run's position."""
+    """All runs' tidy rows with a ``run`` column and each checkpoint's ``lora_scale`` (``BASE::LORA@SCALE``
+    candidates); a candidate is placed at its step, else its LoRA scale, else its run's position."""
     frames = []
     for i, d in enumerate(run_dirs):
         res = layout.read_results(d)
         df = pd.DataFrame(res.get("rows", []), columns=list(layout.TABLE_COLUMNS))
         df.insert(0, "run", str(d))
         df.insert(1, "run_index", i)
+        scales = {c.get("label"): c.get("lora_scale") for c in res.get("checkpoints", [])}
+        df["lora_scale"] = df["checkpoint"].map(scales).astype("float64")
         frames.append(df)
     if not frames:
         raise HarnessError("compare: give at least one run folder")
     df = pd.concat(frames, ignore_index=True)
     step = df["step"].astype("float64")
-    df["x"] = step.where(step.notna(), df["run_index"].astype("float64"))
+    df["x"] = step.where(step.notna(), df["lora_scale"].where(df["lora_scale"].notna(),
+                                                               df["run_index"].astype("float64")))
     df.loc[df["role"] == "base", "x"] = 0.0
     return df
+
+
+def x_label(df: pd.DataFrame) -> str:
+    """What the x of the candidates is: their training step, their LoRA scale, or their run's position."""
+    cand = df[df["role"] != "base"]
+    if len(cand) and cand["step"].isna().all() and cand["lora_scale"].notna().all():
+        return "LoRA scale"
+    return "training step"
 
 
 def table(df: pd.DataFrame) -> pd.DataFrame:
@@ -48,13 +61,14 @@ def table(df: pd.DataFrame) -> pd.DataFrame:
         verdict = f" {r['verdict']}" if isinstance(r["verdict"], str) else ""
         return f"{r['value']:.4g}{ci}{verdict}"
 
+    label = "lora_scale" if x_label(df) == "LoRA scale" else "step"
     df = df.assign(col=df["metric"] + " / " + df["subset"], cell=df.apply(cell, axis=1))
     # the base model appears once, however many runs share it
     base = df[df["role"] == "base"].drop_duplicates(["checkpoint", "col"])
     wide = pd.concat([base, df[df["role"] != "base"]]).pivot_table(
         index=["run_index", "checkpoint", "x"], columns="col", values="cell", aggfunc="first")
-    wide = wide.reset_index().sort_values(["x", "run_index"]).rename(columns={"x": "step"})
-    return wide.drop(columns=["run_index"]).drop_duplicates(subset=["checkpoint", "step"])
+    wide = wide.reset_index().sort_values(["x", "run_index"]).rename(columns={"x": label})
+    return wide.drop(columns=["run_index"]).drop_duplicates(subset=["checkpoint", label])
 
 
 def step_plots(df: pd.DataFrame) -> list[tuple[str, bytes]]:
@@ -70,7 +84,7 @@ def step_plots(df: pd.DataFrame) -> list[tuple[str, bytes]]:
             xs = sorted({0.0, *cand["x"].tolist()})
             series["base"] = [(x, b.value, b.ci_low, b.ci_high) for x in xs]
         hib = g["higher_is_better"].dropna()
-        png = plots.metric_vs_step(series, metric=f"{metric} ({subset})",
+        png = plots.metric_vs_step(series, metric=f"{metric} ({subset})", xlabel=x_label(df),
                                    higher_is_better=bool(hib.iloc[0]) if len(hib) else None)
         out.append((f"{metric} / {subset}", png))
     return out

@@ -24,6 +24,7 @@ from harness.errors import HarnessError
 from harness.eval import layout
 from harness.io import atomic_write_text, read_jsonl
 from harness.report import plots
+from harness.report.sweep import strength_sweeps
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +87,30 @@ def _env() -> Environment:
 
 # --- context builders (one per section) -----------------------------------------------------
 
+# How the report prints a metric's value (results.json and gates keep the raw value): papers print KID x 10^3.
+DISPLAY_SCALE = {"kid": (1000.0, "×10³")}
+# Set statistics whose value depends on N (plug-in FID, KID subsets, CMMD): rows at different N do not compare.
+SET_METRICS = ("fid", "fid_clip", "fid_clip_l2", "fid_dinov2", "kid", "cmmd", "prdc")
+_SCALED = ("value", "ci_low", "ci_high", "diff", "diff_ci_low", "diff_ci_high")
+
+
+def _scaled(r: dict | None, scale: float) -> dict | None:
+    if r is None or scale == 1.0:
+        return r
+    return {**r, **{k: r[k] * scale for k in _SCALED if isinstance(r.get(k), (int, float))}}
+
+
+def _n_note(name: str, base: dict | None, cands: list[dict | None]) -> str | None:
+    """A warning when base and a candidate were computed from different numbers of images."""
+    if name not in SET_METRICS or not base or not isinstance(base.get("n"), int):
+        return None
+    other = sorted({c["n"] for c in cands if c and isinstance(c.get("n"), int) and c["n"] != base["n"]})
+    if not other:
+        return None
+    return (f"different N: base {base['n']} images, candidate(s) {', '.join(map(str, other))}; {name} moves with N "
+            "(CMMD most), so these values compare only at equal N (the difference uses the paired images)")
+
+
 def _headline(results: dict) -> list[dict]:
     rows = results.get("rows", [])
     cands = [c["label"] for c in results.get("checkpoints", []) if c["role"] == "candidate"]
@@ -101,11 +126,17 @@ def _headline(results: dict) -> list[dict]:
         cells = by_key[key]
         base = next((r for r in cells.values() if r.get("role") == "base"), None)
         any_row = next(iter(cells.values()))
+        name = any_row.get("metric_name", key[0])
+        scale, unit = DISPLAY_SCALE.get(name, (1.0, None))
+        notes = sorted({r["note"] for r in cells.values() if r.get("note")})
+        n_note = _n_note(name, base, [cells.get(c) for c in cands])
         out.append({
-            "metric": key[0], "subset": key[1], "metric_name": any_row.get("metric_name", key[0]),
-            "higher_is_better": any_row.get("higher_is_better"), "base": base,
-            "candidates": [cells.get(c) for c in cands],
-            "notes": sorted({r["note"] for r in cells.values() if r.get("note")}),
+            "metric": key[0], "subset": key[1], "metric_name": name, "unit": unit,
+            "higher_is_better": any_row.get("higher_is_better"), "base": _scaled(base, scale),
+            "candidates": [_scaled(cells.get(c), scale) for c in cands],
+            # rows written before rows named their extractor / reference count simply show none
+            "extractors": sorted({r["extractor"] for r in cells.values() if r.get("extractor")}),
+            "n_ref": any_row.get("n_ref"), "notes": notes + ([n_note] if n_note else []),
         })
     return out
 
@@ -282,9 +313,11 @@ def build_context(run_dir: str | Path, train_run: str | Path | None = None) -> d
     cands = [c["label"] for c in ckpts if c["role"] == "candidate"]
     prov = results.get("provenance") or run.get("provenance", {})
     images, images_total = _image_rows(run_dir, per_image, cands, base_label)
+    sweep = strength_sweeps({**results, "checkpoints": ckpts})
+    sections = SECTIONS[:1] + ((("sweep", "Strength sweep"),) if sweep else ()) + SECTIONS[1:]
     return {
         "title": f"{run['suite']['name']}: {', '.join(cands)} vs {base_label}",
-        "sections": SECTIONS, "suite": run["suite"], "suite_config": suite, "checkpoints": ckpts,
+        "sections": sections, "sweep": sweep, "suite": run["suite"], "suite_config": suite, "checkpoints": ckpts,
         "base_label": base_label, "candidates": cands,
         "headline": _headline(results), "gates": results.get("gates", []),
         "gates_passed": results.get("gates_passed"), "notes": results.get("notes", []),

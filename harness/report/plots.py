@@ -90,7 +90,7 @@ def surface_heatmaps(x_values: Sequence, y_values: Sequence, grids: dict[str, np
 
 
 def metric_vs_step(series: dict[str, list[tuple[float, float, float, float]]], *, metric: str,
-                   higher_is_better: bool | None) -> bytes:
+                   higher_is_better: bool | None, xlabel: str = "training step") -> bytes:
     """``series``: name -> [(step, value, ci_low, ci_high)], drawn as lines with CI bands."""
     fig, ax = plt.subplots(figsize=(5.5, 3.2))
     for name, pts in series.items():
@@ -103,7 +103,7 @@ def metric_vs_step(series: dict[str, list[tuple[float, float, float, float]]], *
         if ok.any():
             ax.fill_between(s[ok], lo[ok], hi[ok], alpha=0.2)
     arrow = {True: " (higher is better)", False: " (lower is better)"}.get(higher_is_better, "")
-    ax.set_xlabel("training step")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(metric + arrow)
     if len(series) > 1:
         ax.legend()

@@ -96,19 +96,26 @@ def tokenize(tokenizer, captions: list[str]) -> torch.Tensor:
                      truncation=True, return_tensors="pt").input_ids
 
 
-def encode_text(text_encoder, tokenizer, captions: list[str]) -> torch.Tensor:
+def encode_text(text_encoder, tokenizer, captions: list[str], clip_skip: int | None = None) -> torch.Tensor:
+    """The hidden states the UNet is conditioned on; ``clip_skip`` n > 1 takes the n-th layer from the end
+    through the final layer norm (A1111's and sd-scripts' "clip skip"; 1 or None is the last layer)."""
     ids = tokenize(tokenizer, captions).to(text_encoder.device)
-    return text_encoder(ids, return_dict=False)[0]
+    if not clip_skip or clip_skip == 1:
+        return text_encoder(ids, return_dict=False)[0]
+    hidden = text_encoder(ids, output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers >= 5.6 has no text_model level in CLIPTextModel
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
 class TextCache:
     """Caption -> text-encoder hidden states, in memory and on disk (captions repeat every epoch)."""
 
-    def __init__(self, root: str | Path, text_encoder, tokenizer):
+    def __init__(self, root: str | Path, text_encoder, tokenizer, clip_skip: int | None = None):
         vocab = repr((sorted(tokenizer.get_vocab().items()), tokenizer.model_max_length))
-        tok_hash = hashlib.sha256(vocab.encode()).hexdigest()
+        skip = "" if not clip_skip or clip_skip == 1 else f":clip_skip={clip_skip}"  # old caches stay valid
+        tok_hash = hashlib.sha256((vocab + skip).encode()).hexdigest()
         self.store = TensorCache(root, "text", module_hash(text_encoder, extra=tok_hash))
-        self.text_encoder, self.tokenizer = text_encoder, tokenizer
+        self.text_encoder, self.tokenizer, self.clip_skip = text_encoder, tokenizer, clip_skip
         self.memory: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
@@ -123,7 +130,7 @@ class TextCache:
             else:
                 self.memory[c] = hit["hidden"]
         if missing:
-            hidden = encode_text(self.text_encoder, self.tokenizer, missing).float().cpu()
+            hidden = encode_text(self.text_encoder, self.tokenizer, missing, self.clip_skip).float().cpu()
             for c, h in zip(missing, hidden):
                 self.memory[c] = h
                 self.store.put(text_key(c), {"hidden": h})

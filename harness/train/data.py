@@ -4,6 +4,7 @@ step's random draws from (seed, step, micro-batch, rank), so a resumed run repea
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import random
@@ -26,6 +27,23 @@ class Data:
     val: torch.utils.data.Dataset | None
     sampler: object
     steps_per_epoch: int
+    reg_from: int | None = None  # items from this index on are data.reg_root's (prior preservation)
+    reg_weight: float = 1.0
+
+
+def _reg_items(recipe: Recipe, n_train: int, scan: dict) -> list:
+    """data.reg_root's captioned images, repeated or cut to ``n_train`` (sd-scripts' balance of class
+    images against instance images)."""
+    from harness.data.folder import scan_dataset
+
+    root = Path(recipe.data.reg_root)
+    if not root.is_dir():
+        raise HarnessError(f"data.reg_root = {root}: no such folder")
+    items = [it for it in scan_dataset(root, split="train", **{**scan, "val_fraction": 0.0}).items if it.caption]
+    if not items:
+        raise HarnessError(f"data.reg_root = {root}: no captioned images (a .txt next to each image, e.g. "
+                           "'a photo of a dog' for DreamBooth class images)")
+    return [items[i % len(items)] for i in range(n_train)]
 
 
 def build_data(recipe: Recipe, num_processes: int, process_index: int) -> Data:
@@ -51,6 +69,10 @@ def build_data(recipe: Recipe, num_processes: int, process_index: int) -> Data:
         log.warning("%s: %d of %d training images have no caption; training on the %d that do", root,
                     len(index.items) - len(captioned), len(index.items), len(captioned))
     index.items = captioned
+    reg_from = None
+    if d.reg_root:
+        index.items = captioned + _reg_items(recipe, len(captioned), scan)
+        reg_from = len(captioned)
     need = t.batch_size * num_processes * t.grad_accum
     if len(captioned) < need:
         raise HarnessError(f"train.batch_size = {t.batch_size}: one step needs {need} images (batch_size x "
@@ -72,7 +94,8 @@ def build_data(recipe: Recipe, num_processes: int, process_index: int) -> Data:
     if steps < 1:
         raise HarnessError(f"train.batch_size = {t.batch_size}: no full batch fits in one size bucket of {root}; "
                            f"lower the batch size or set data.buckets=false")
-    return Data(train=train_ds, val=val_ds, sampler=sampler, steps_per_epoch=steps)
+    return Data(train=train_ds, val=val_ds, sampler=sampler, steps_per_epoch=steps, reg_from=reg_from,
+                reg_weight=d.reg_weight)
 
 
 class CachedLatentDataset(torch.utils.data.Dataset):
@@ -100,9 +123,11 @@ class CachedLatentDataset(torch.utils.data.Dataset):
         return {"dist": self.cache.get(self.keys[i]), "caption": caption, "key": self.keys[i], "index": i}
 
 
-def collate(items: list[dict]) -> dict:
+def collate(items: list[dict], reg_from: int | None = None, reg_weight: float = 1.0) -> dict:
     out = {"caption": [it["caption"] for it in items], "key": [it["key"] for it in items],
            "index": [it["index"] for it in items]}
+    if reg_from is not None:  # each regularisation image's loss counts reg_weight times
+        out["loss_weight"] = torch.tensor([reg_weight if it["index"] >= reg_from else 1.0 for it in items])
     for name in ("pixel_values", "dist"):
         if name in items[0]:
             out[name] = torch.stack([it[name] for it in items])
@@ -114,7 +139,9 @@ def epoch_loader(data: Data, dataset, epoch: int, start_step: int, grad_accum: i
     data.sampler.set_epoch(epoch)
     dataset.set_epoch(epoch)
     batches = list(data.sampler)[start_step * grad_accum: data.steps_per_epoch * grad_accum]
-    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       collate_fn=functools.partial(collate, reg_from=data.reg_from,
+                                                                    reg_weight=data.reg_weight))
 
 
 def step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
@@ -129,7 +156,7 @@ def encode_batch(batch: dict, models: Models, text_cache: TextCache | None, trai
         hidden = text_cache(batch["caption"])
     else:
         with torch.set_grad_enabled(train_text):
-            hidden = encode_text(models.text_encoder, models.pipe.tokenizer, batch["caption"])
+            hidden = encode_text(models.text_encoder, models.pipe.tokenizer, batch["caption"], models.clip_skip)
     return dist, hidden
 
 
@@ -137,7 +164,8 @@ def build_caches(recipe: Recipe, acc, models: Models, data: Data):
     """The latent and text caches the recipe turns on, and the training dataset to read (from the latent
     cache when it is on: every rank encodes its share, then all read all)."""
     cache_root = Path(recipe.data.cache_dir) if recipe.data.cache_dir else default_cache_dir()
-    text_cache = TextCache(cache_root, models.text_encoder, models.pipe.tokenizer) if recipe.data.cache_text else None
+    text_cache = (TextCache(cache_root, models.text_encoder, models.pipe.tokenizer, models.clip_skip)
+                  if recipe.data.cache_text else None)
     latent_cache, train_ds = None, data.train
     if recipe.data.cache_latents:
         latent_cache = LatentCache(cache_root, models.pipe.vae)
@@ -159,6 +187,6 @@ def caption_encoder(models: Models, text_cache: TextCache | None):
         if text_cache is not None:
             return text_cache(captions)
         with torch.no_grad():
-            return encode_text(models.text_encoder, models.pipe.tokenizer, captions)
+            return encode_text(models.text_encoder, models.pipe.tokenizer, captions, models.clip_skip)
 
     return text_fn

@@ -6,7 +6,8 @@ Run layout (``recipe.output_dir``)::
     metrics.jsonl          one record per logged step    logs/             TensorBoard (accelerate tracker)
     checkpoints/step-N/    resumable state (last K)      samples/step-N/   fixed-seed PNGs (prompt in metadata)
     stages/NAME/           diffusers export at the end of each stage of a multi-stage recipe
-    final/  final.safetensors   diffusers folder and single file     lora/   LoRA weights alone (LoRA runs)
+    final/  final.safetensors   diffusers folder (fp32) and single file (checkpoint.single_file_dtype)
+    lora/                  LoRA runs: the adapter alone, diffusers' file and a kohya one (A1111, ComfyUI)
     train_summary.json     steps, why it stopped, best validation step
 
 Every random draw of a step (latent sample, noise, timesteps) comes from a generator seeded by
@@ -162,7 +163,8 @@ class _Run:
         until its share of the steps is done, then the stage's end."""
         state, si = self.state, self.state["stage"]
         stage, total = self.stages[si], self.totals[si]
-        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage, total, self.recipe.train.lr_scheduler)
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, stage, total, self.recipe.train.lr_scheduler,
+                                               self.recipe.train.text_encoder_lr)
         if self.resume_path is not None and state["stage_step"] > 0:
             ckpt.load_lr_scheduler(self.resume_path, self.lr_scheduler)
         while state["stage_step"] < total and self.reason == "completed":
@@ -223,7 +225,7 @@ class _Run:
             unet, te = whole_models(recipe, acc, self.models, self.raw_unet, self.raw_te)
             if acc.is_main_process:
                 export_models(recipe, self.models, unet, te, self.run_dir / "stages" / self.stages[si].name,
-                              single_file=False)
+                              single_file=False, steps=state["step"])
         acc.wait_for_everyone()
 
     def save(self) -> None:
@@ -290,8 +292,8 @@ def _prepare(recipe, acc, models: Models, data: Data, stages, run_dir: Path, res
 def _prepare_models(recipe: Recipe, acc, models: Models):
     """The optimizer over the trainable parameters, prepared by accelerate with the UNet (and the text
     encoder when it trains); returns (prepared unet, optimizer, unwrapped unet, unwrapped text encoder)."""
-    params = [p for m in (models.unet, models.text_encoder) for p in m.parameters() if p.requires_grad]
-    optimizer = build_optimizer(recipe, params)
+    optimizer = build_optimizer(recipe, [p for p in models.unet.parameters() if p.requires_grad],
+                                [p for p in models.text_encoder.parameters() if p.requires_grad])
     if recipe.lora.text_encoder:
         unet, text_encoder, optimizer = acc.prepare(models.unet, models.text_encoder, optimizer)
     else:
@@ -314,7 +316,7 @@ def _start_state(recipe: Recipe, acc, models: Models, resume_path, ema, sharded:
 # ---------------------------------------------------------------- one step
 
 def diffusion_loss(unet, models: Models, dist: torch.Tensor, hidden: torch.Tensor, stage: StageCfg,
-                   recipe: Recipe, gen: torch.Generator) -> torch.Tensor:
+                   recipe: Recipe, gen: torch.Generator, sample_weights: torch.Tensor | None = None) -> torch.Tensor:
     t_cfg = recipe.train
     device = next(unet.parameters()).device
     x0 = sample_latents(dist.cpu(), models.scaling_factor, gen)
@@ -324,10 +326,11 @@ def diffusion_loss(unet, models: Models, dist: torch.Tensor, hidden: torch.Tenso
     tgt = losses.target(models.prediction_type, x0, noise, t, models.alphas_cumprod)
     dt = models.input_dtype
     pred = unet(noisy.to(device, dt), t.to(device), hidden.to(device, dt), return_dict=False)[0]
-    weights = None
+    weights = None if sample_weights is None else sample_weights.to(device)  # prior preservation
     if t_cfg.min_snr_gamma:
-        weights = losses.min_snr_weights(losses.snr(t, models.alphas_cumprod), t_cfg.min_snr_gamma,
-                                         models.prediction_type).to(device)
+        snr_w = losses.min_snr_weights(losses.snr(t, models.alphas_cumprod), t_cfg.min_snr_gamma,
+                                       models.prediction_type).to(device)
+        weights = snr_w if weights is None else weights * snr_w
     return losses.weighted_mse(pred, tgt.to(device), weights)
 
 
@@ -349,7 +352,8 @@ def _optimizer_step(recipe, acc, models, unet, optimizer, it, text_cache, stage,
             with timer("encode"):
                 dist, hidden = encode_batch(batch, models, text_cache, train_text)
             with timer("unet"):
-                loss = diffusion_loss(unet, models, dist, hidden.to(acc.device), stage, recipe, gen)
+                loss = diffusion_loss(unet, models, dist, hidden.to(acc.device), stage, recipe, gen,
+                                      batch.get("loss_weight"))
                 _check_finite(acc, loss, state["step"], last_good, recipe)
                 acc.backward(loss if ds else loss / k)  # DeepSpeed divides by its accumulation steps
         total += loss.detach().item() / k

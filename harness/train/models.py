@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.errors import ConfigError
 from harness.train.accel import full_state, is_sharded
 from harness.train.pipeline import check_architecture, load_base
 from harness.train.recipe import Recipe
@@ -27,6 +28,7 @@ class Models:
     scaling_factor: float
     weight_dtype: torch.dtype
     input_dtype: torch.dtype | None = None  # DeepSpeed casts the UNet itself and autocasts nothing
+    clip_skip: int | None = None  # train.clip_skip: which text-encoder layer conditions the UNet
 
 
 def build_models(recipe: Recipe, device: torch.device) -> Models:
@@ -34,6 +36,10 @@ def build_models(recipe: Recipe, device: torch.device) -> Models:
 
     pipe = load_base(recipe.model.source, allow_pickle=recipe.model.allow_pickle)
     check_architecture(pipe, recipe.model.source)
+    layers = pipe.text_encoder.config.num_hidden_layers
+    if recipe.train.clip_skip and recipe.train.clip_skip > layers:
+        raise ConfigError(f"key 'train.clip_skip' = {recipe.train.clip_skip}: {recipe.model.source}'s text encoder "
+                          f"has {layers} layers; expected 1..{layers}")
     pred = recipe.model.prediction_type or pipe.scheduler.config.get("prediction_type", "epsilon")
     if pred != pipe.scheduler.config.get("prediction_type"):
         # The exported model must sample with what it was trained to predict.
@@ -62,7 +68,7 @@ def build_models(recipe: Recipe, device: torch.device) -> Models:
                 p.data = p.data.float()
     return Models(pipe=pipe, unet=unet, text_encoder=te, alphas_cumprod=noise_scheduler.alphas_cumprod.clone(),
                   num_train_timesteps=noise_scheduler.config.num_train_timesteps, prediction_type=pred,
-                  scaling_factor=float(vae.config.scaling_factor), weight_dtype=wd)
+                  scaling_factor=float(vae.config.scaling_factor), weight_dtype=wd, clip_skip=recipe.train.clip_skip)
 
 
 def add_lora(unet, text_encoder, recipe: Recipe) -> None:

@@ -22,21 +22,30 @@ def check_optimizer(name: str) -> None:
                               "(pip install 'harness[adam8bit]'), or set train.optimizer=adamw") from None
 
 
-def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(recipe: Recipe, params: list[torch.nn.Parameter],
+                    text_encoder_params: list[torch.nn.Parameter] | None = None) -> torch.optim.Optimizer:
+    """AdamW over the UNet's trainable parameters and, in a group of their own (its own learning rate,
+    ``train.text_encoder_lr``), the text encoder's."""
     t = recipe.train
     kw = dict(lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+    groups = [{"params": params, "name": "unet"}]
+    if text_encoder_params:
+        groups.append({"params": text_encoder_params, "name": "text_encoder"})
     if t.optimizer == "adamw8bit":
         import bitsandbytes as bnb
 
-        return bnb.optim.AdamW8bit(params, **kw)
-    return torch.optim.AdamW(params, **kw)
+        return bnb.optim.AdamW8bit(groups, **kw)
+    return torch.optim.AdamW(groups, **kw)
 
 
-def build_lr_scheduler(optimizer, stage: StageCfg, total_steps: int, name: str):
+def build_lr_scheduler(optimizer, stage: StageCfg, total_steps: int, name: str, text_encoder_lr: float | None = None):
+    """The stage's schedule; every group starts from the stage's learning rate, the text encoder's from
+    ``text_encoder_lr`` when the recipe sets one (the same in every stage)."""
     from diffusers.optimization import get_scheduler
 
     for g in optimizer.param_groups:  # each stage starts from its own learning rate
-        g["lr"] = g["initial_lr"] = stage.lr
+        lr = text_encoder_lr if g.get("name") == "text_encoder" and text_encoder_lr is not None else stage.lr
+        g["lr"] = g["initial_lr"] = lr
     return get_scheduler(name, optimizer, num_warmup_steps=stage.warmup_steps, num_training_steps=total_steps)
 
 

@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 
 from harness.errors import CheckpointError
-from harness.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,40 +33,40 @@ def check_architecture(pipe, source: str) -> None:
                               + "; ".join(problems))
 
 
-def export_pipeline(pipe, out_dir: str | Path, *, single_file: bool = True) -> Path:
-    """``out_dir/`` as a diffusers folder and, optionally, ``out_dir.safetensors`` in the original
-    single-file layout (configs embedded, so non-SD-1.5 sizes load back)."""
+def export_pipeline(pipe, out_dir: str | Path, *, single_file: bool = True, single_file_dtype: str | None = None) -> Path:
+    """``out_dir/`` as a diffusers folder (the weights as trained, fp32) and, optionally,
+    ``out_dir.safetensors`` in the original single-file layout in ``single_file_dtype`` (configs embedded,
+    so non-SD-1.5 sizes load back)."""
     from harness.models.export import export_diffusers, export_single_file
 
     out_dir = Path(out_dir)
     export_diffusers(pipe, out_dir, overwrite=True)
     if single_file:
-        export_single_file(pipe, out_dir.with_suffix(".safetensors"), overwrite=True)
+        export_single_file(pipe, out_dir.with_suffix(".safetensors"), dtype=single_file_dtype, overwrite=True)
     log.info("wrote %s%s", out_dir, " and " + str(out_dir.with_suffix(".safetensors")) if single_file else "")
     return out_dir
 
 
-def save_lora(unet, text_encoder, out_dir: str | Path) -> Path:
-    """LoRA weights alone, as ``pytorch_lora_weights.safetensors`` that plain diffusers loads with
-    ``pipe.load_lora_weights(out_dir)``."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
+def save_lora(unet, text_encoder, out_dir: str | Path, *, kohya_file: str, metadata: dict | None = None,
+              kohya_metadata: dict | None = None) -> Path:
+    """The LoRA weights alone: ``pytorch_lora_weights.safetensors`` that plain diffusers loads with
+    ``pipe.load_lora_weights(out_dir)`` at the trained alpha / rank, and ``kohya_file`` for A1111 / ComfyUI."""
     from peft.utils import get_peft_model_state_dict
 
-    unet_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    te_layers = None
+    from harness.models.lora_export import write_lora
+
+    parts = {"unet": unet}
     if text_encoder is not None and getattr(text_encoder, "peft_config", None):
-        te_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(text_encoder))
-    with atomic_dir(out_dir, overwrite=True) as tmp:
-        StableDiffusionPipeline.save_lora_weights(str(tmp), unet_lora_layers=unet_layers,
-                                                  text_encoder_lora_layers=te_layers, safe_serialization=True)
-    return Path(out_dir)
+        parts["text_encoder"] = text_encoder
+    components = {name: (get_peft_model_state_dict(m), m.peft_config["default"].to_dict()) for name, m in parts.items()}
+    return write_lora(out_dir, components, kohya_file=kohya_file, metadata=metadata, kohya_metadata=kohya_metadata)
 
 
 def merge_lora(source: str, lora_dir: str | Path, *, allow_pickle: bool = False):
-    """A fresh base pipeline with the LoRA fused into its weights (what ``final/`` holds for LoRA runs)."""
+    """A fresh base pipeline with the LoRA fused into its weights (what ``final/`` holds for LoRA runs),
+    through the loader every command uses."""
+    from harness.models.load import attach_lora
+
     pipe = load_base(source, allow_pickle=allow_pickle)
-    pipe.load_lora_weights(str(lora_dir))
-    pipe.fuse_lora()
-    pipe.unload_lora_weights()
+    attach_lora(pipe, lora_dir, allow_pickle=allow_pickle)
     return pipe

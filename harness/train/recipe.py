@@ -46,6 +46,11 @@ class DataCfg:
     cache_text: bool = True
     cache_dir: str | None = None  # None: $XDG_CACHE_HOME/harness/train (shared across runs)
     num_workers: int = field(default=0, metadata=_r(0, 64))
+    # Prior preservation (DreamBooth; sd-scripts' reg_data_dir / prior_loss_weight): captioned class images
+    # trained alongside data.root, as many per epoch as there are training images (repeated or cut, as
+    # sd-scripts does), each one's loss scaled by reg_weight.
+    reg_root: str | None = None
+    reg_weight: float = field(default=1.0, metadata=_r(0.0, 100.0))
 
     def __post_init__(self):
         if self.resolution % 8:
@@ -185,6 +190,9 @@ class Recipe:
     def __post_init__(self):
         if self.lora.text_encoder and not self.lora.enabled:
             raise ValueError("key 'lora.text_encoder' = True needs lora.enabled=true")
+        if self.train.text_encoder_lr is not None and not self.lora.text_encoder:
+            raise ValueError(f"key 'train.text_encoder_lr' = {self.train.text_encoder_lr}: the text encoder is not "
+                             "trained; set lora.enabled=true lora.text_encoder=true, or drop the key")
         if self.lora.text_encoder and self.data.cache_text:
             raise ValueError("key 'data.cache_text' = True with lora.text_encoder: a trained text encoder "
                              "cannot use cached outputs; set data.cache_text=false")
