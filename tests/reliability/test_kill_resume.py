@@ -102,7 +102,7 @@ models: {clip: CLIP}
 reference: {folder: ref}
 metrics:
   clip_score: {}
-  kid_clip: {metric: kid, settings: {subset_size: 3, subsets: 5}}
+  kid_clip: {metric: kid, settings: {subset_size: 3, subsets: 5, extractor: models.clip}}
 xray: {samples: 0}
 ci: {n_boot: 50}
 """
