@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from harness.config import load_config, to_dict
-from harness.errors import ConfigError
+from harness.errors import ConfigError, HarnessError
 from harness.eval.verdict import GATE_RULES
+from harness.io import read_regular
 
 _LABEL = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -263,9 +264,16 @@ def load_suite(path: str | Path, overrides: list[str] | None = None, *, check_na
     suite = load_config(Suite, path, overrides)
     base = Path(path).parent
     for label, ps in suite.prompts.items():
-        if ps.file is not None and not _resolve(base, ps.file).is_file():
+        if ps.file is None:
+            continue
+        if not _resolve(base, ps.file).is_file():
             raise ConfigError(f"{path}: key 'prompts.{label}.file' = {ps.file!r}: no such file "
                               f"(looked for {_resolve(base, ps.file)})")
+        # prompt lines end up in the report: a suite someone sent must not pull in /etc/passwd or ~/.ssh
+        real, root = _resolve(base, ps.file).resolve(), base.resolve()
+        if not real.is_relative_to(root):
+            raise ConfigError(f"{path}: key 'prompts.{label}.file' = {ps.file!r}: resolves to {real}, outside the "
+                              f"suite's folder {root}; keep prompt files beside the suite (or in a folder below it)")
     if suite.reference and suite.reference.folder and not _resolve(base, suite.reference.folder).is_dir():
         raise ConfigError(f"{path}: key 'reference.folder' = {suite.reference.folder!r}: not a folder")
     if suite.reference and suite.reference.folder and suite.reference.heldout:
@@ -280,11 +288,16 @@ def _resolve(base: Path, p: str) -> Path:
     return q if q.is_absolute() else base / q
 
 
+MAX_PROMPT_FILE_BYTES = 4 << 20  # ~40k prompts of 100 characters
+
+
 def read_prompt_file(path: Path) -> list[str]:
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_regular(path, MAX_PROMPT_FILE_BYTES).decode("utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: prompt file is not UTF-8 text") from None
+    except HarnessError as e:
+        raise ConfigError(str(e)) from None
     lines = [ln.strip() for ln in text.splitlines()]
     prompts = [ln for ln in lines if ln and not ln.startswith("#")]
     if not prompts:

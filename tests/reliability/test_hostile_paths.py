@@ -175,3 +175,21 @@ def test_wide_images_are_limited_by_decoded_bytes_not_only_pixels(tmp_path):
     with pytest.raises(HarnessError, match=r"float.tif: refused: 100x90 in mode F decodes to"):
         open_rgb(tmp_path / "float.tif", max_pixels=10_000)  # 36 KB decoded > 3 x 10,000
     assert open_rgb(tmp_path / "rgb.png", max_pixels=10_000).size == (100, 90)  # 27 KB: within
+
+
+def test_suite_prompt_file_outside_its_folder_is_refused(tmp_path, outside):
+    """Prompt lines are printed in the report: a suite must not read /etc/passwd or a private file."""
+    from harness.errors import ConfigError
+    from harness.eval.suite import load_suite
+
+    suites = tmp_path / "suites"
+    suites.mkdir()
+    os.symlink(outside / "secret.txt", suites / "linked.txt")
+    for ref, shown in (("/etc/passwd", "/etc/passwd"), ("../home/secret.txt", "secret.txt"),
+                       ("linked.txt", "secret.txt")):
+        (suites / "s.yaml").write_text(f"name: s\nprompts: {{x: {{file: {ref}}}}}\nmetrics: {{clip_score: {{}}}}\n")
+        with pytest.raises(ConfigError, match=rf"prompts.x.file' = .*resolves to .*{shown}, outside the suite's folder"):
+            load_suite(suites / "s.yaml")
+    (suites / "ok.txt").write_text("a cat\n")
+    (suites / "s.yaml").write_text("name: s\nprompts: {x: {file: ok.txt}}\nmetrics: {clip_score: {}}\n")
+    assert load_suite(suites / "s.yaml").prompts["x"].file == "ok.txt"
