@@ -19,6 +19,7 @@ from harness.io import append_jsonl, atomic_write_json
 
 HOSTILE = '<script>alert(1)</script>'
 HOSTILE_CAPTION = '"><img src=x onerror=alert(2)> & <b>bold</b>'
+DATA_DIR = "data <i>&'\""  # a dataset folder whose name needs escaping
 
 
 def _png(path: Path, seed: int, size: int = 32) -> str:
@@ -40,10 +41,11 @@ def make_fake_run(root: Path, *, hostile_dir: bool = True) -> Path:
     atomic_write_json(run / layout.RUN, {
         "schema": layout.RUN_SCHEMA, "suite": {"name": "fake", "version": "1", "hash": "0123", "path": "x.yaml"},
         "suite_config": suite_cfg, "checkpoints": ckpts, "seeds": [0, 1], "generation": {"steps": 2},
-        "data": f"/data/{HOSTILE}", "provenance": {},
+        "data": str(root / DATA_DIR), "provenance": {},
     })
     prompts = {"generic": ["a red apple", HOSTILE], "domain": [HOSTILE_CAPTION, "a cat"]}
-    ref = _png(root / f"refs/{HOSTILE_CAPTION.replace('/', '_')}.png", 99)
+    # the reference lives in the run's dataset (the report embeds no image from anywhere else)
+    ref = _png(root / DATA_DIR / f"{HOSTILE_CAPTION.replace('/', '_')}.png", 99)
     k = 0
     for subset, ps in prompts.items():
         for i, p in enumerate(ps):

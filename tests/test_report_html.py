@@ -47,7 +47,10 @@ def test_side_by_side_keeps_the_worst_of_large_runs(fake_run):
     from harness.io import read_jsonl
 
     per = read_jsonl(fake_run / "per_image.jsonl")
-    rows, total = report_html._image_rows(fake_run, per, ["cand"], "base", limit=2)
+    from _report_helpers import DATA_DIR
+
+    rows, total = report_html._image_rows(fake_run, per, ["cand"], "base", limit=2,
+                                          ref_roots=(fake_run.parent / DATA_DIR,))
     assert total == 8 and 2 <= len(rows) <= 6
     worst_clip = sorted(r["clip_score"] for r in per if r["checkpoint"] == "cand")[:2]
     assert sorted(r["sort_clip"] for r in rows)[:2] == worst_clip
@@ -145,3 +148,22 @@ def test_header_says_no_gates_and_uncomputed_rows_say_why(tmp_path):
     assert "not computed: needs at least 2 images per set" in html
     assert "not evaluated: needs at least 2 images per set" in html and "none evaluated" in html
     assert ">None<" not in html and "FAILED" not in html
+
+
+def test_report_embeds_no_image_from_outside_the_run_and_its_dataset(tmp_path):
+    """A per_image.jsonl edited to name a private image (or a 400 MP bomb) outside the run folder."""
+    import json
+
+    from PIL import Image
+
+    run = make_fake_run(tmp_path, hostile_dir=False)
+    private = tmp_path / "home" / "private.png"
+    private.parent.mkdir()
+    Image.new("RGB", (8, 8), (1, 2, 3)).save(private)
+    lines = (run / "per_image.jsonl").read_text().splitlines()
+    rec = json.loads(lines[0])
+    rec["image"] = str(private)
+    (run / "per_image.jsonl").write_text("\n".join([json.dumps(rec), *lines[1:]]) + "\n")
+    with pytest.raises(HarnessError, match=r"per_image.jsonl: names .*private.png, outside the run folder"):
+        report_html.write_report(run)
+    assert not (run / "report.html").exists() or "private" not in (run / "report.html").read_text()

@@ -60,11 +60,19 @@ def rel(run_dir: Path, path: str | Path) -> str:
         return str(p.resolve())
 
 
-def resolve(run_dir: Path, path: str | Path | None) -> Path | None:
+def resolve(run_dir: Path, path: str | Path | None, *, within: tuple = ()) -> Path | None:
+    """A path a run folder's tables name, which must lie inside the run folder (or one of ``within``,
+    e.g. the dataset a reference image comes from): a table edited to name ``/home/me/private.png``
+    must not pull that file into a report. Symlinks are followed before the check."""
     if path is None:
         return None
     p = Path(path)
-    return p if p.is_absolute() else Path(run_dir) / p
+    p = p if p.is_absolute() else Path(run_dir) / p
+    real = p.resolve()
+    if not any(real.is_relative_to(Path(r).resolve()) for r in (run_dir, *within) if r):
+        raise HarnessError(f"{Path(run_dir) / PER_IMAGE}: names {path}, outside the run folder"
+                           f"{' and the dataset' if within else ''}; refusing to read it")
+    return p
 
 
 def _read_json(path: Path, what: str) -> dict:

@@ -127,7 +127,7 @@ def _write_plan(run_dir: Path, suite: Suite, identity: dict, ckpts, items, data)
     run = {
         "schema": layout.RUN_SCHEMA, "suite": identity, "suite_config": to_dict(suite),
         "checkpoints": [asdict(c) for c in ckpts],
-        "data": str(data) if data is not None else None, "seeds": list(suite.seeds),
+        "data": str(Path(data).resolve()) if data is not None else None, "seeds": list(suite.seeds),
         "generation": to_dict(suite.generation), "n_items": len(items),
         "provenance": record(kind="eval"),
     }

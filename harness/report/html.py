@@ -71,8 +71,8 @@ def image_uri(path: Path | None, max_side: int = THUMB, fmt: str = "JPEG") -> st
                 im.save(buf, format="PNG", optimize=True)
             else:
                 im.save(buf, format="JPEG", quality=88)
-    except (OSError, ValueError) as e:
-        log.warning("%s: cannot embed image (%s)", path, e)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:  # a bomb is refused, not decoded
+        log.warning("%s: cannot embed image (%s)", path, str(e).splitlines()[0] if str(e) else type(e).__name__)
         return None
     mime = "image/png" if fmt == "PNG" else "image/jpeg"
     return f"data:{mime};base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -142,9 +142,10 @@ def _headline(results: dict) -> list[dict]:
 
 
 def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_label: str,
-                limit: int = MAX_ROWS) -> tuple[list[dict], int]:
+                limit: int = MAX_ROWS, ref_roots: tuple = ()) -> tuple[list[dict], int]:
     """Rows of (prompt, seed) with every checkpoint's image; beyond ``limit`` rows only the worst
-    ``limit`` by each sort key are kept (the page must stay loadable). Returns (rows, total)."""
+    ``limit`` by each sort key are kept (the page must stay loadable). Returns (rows, total).
+    Reference images may come from ``ref_roots`` (the run's dataset); every other image from the run."""
     by = defaultdict(dict)
     for r in per_image:
         by[(r["subset"], r["index"], r["seed"])][r["checkpoint"]] = r
@@ -173,8 +174,17 @@ def _image_rows(run_dir: Path, per_image: list[dict], cands: list[str], base_lab
         row["base"] = _cell(run_dir, row["base"])
         row["cands"] = [_cell(run_dir, c) for c in row["cands"]]
         ref = row["reference_path"]
-        row["reference"] = image_uri(layout.resolve(run_dir, ref)) if ref else None
+        row["reference"] = _reference_uri(run_dir, ref, ref_roots) if ref else None
     return rows, total
+
+
+def _reference_uri(run_dir: Path, ref: str, roots: tuple) -> str | None:
+    """A reference thumbnail only from the run's dataset; one from anywhere else is left out (warned)."""
+    try:
+        return image_uri(layout.resolve(run_dir, ref, within=roots))
+    except HarnessError as e:
+        log.warning("%s", e)
+        return None
 
 
 def _num(v) -> float | None:
@@ -312,7 +322,8 @@ def build_context(run_dir: str | Path, train_run: str | Path | None = None) -> d
     base_label = next((c["label"] for c in ckpts if c["role"] == "base"), "base")
     cands = [c["label"] for c in ckpts if c["role"] == "candidate"]
     prov = results.get("provenance") or run.get("provenance", {})
-    images, images_total = _image_rows(run_dir, per_image, cands, base_label)
+    images, images_total = _image_rows(run_dir, per_image, cands, base_label,
+                                       ref_roots=(run["data"],) if run.get("data") else ())
     sweep = strength_sweeps({**results, "checkpoints": ckpts})
     sections = SECTIONS[:1] + ((("sweep", "Strength sweep"),) if sweep else ()) + SECTIONS[1:]
     return {
