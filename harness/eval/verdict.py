@@ -15,19 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from harness.metrics.bootstrap import permutation_halfwidth
+
 BETTER, WORSE, INCONCLUSIVE = "better", "worse", "inconclusive"
 
 
 def _finite(*xs: float | None) -> bool:
     return all(x is not None and math.isfinite(float(x)) for x in xs)
-
-
-def _null_halfwidth(observed: float, null: np.ndarray, alpha: float) -> float:
-    """Critical |difference| of a two-sided permutation test at level ``alpha``. The observed value
-    is one member of the permutation set (the identity), which keeps the test exact with a finite
-    number of replicates; "higher" rounding never rejects more often than ``alpha``."""
-    null = np.abs(np.concatenate([[observed], null[np.isfinite(null)]]))
-    return float(np.quantile(null, 1 - alpha, method="higher"))
 
 
 def paired_mean_diff(base: Sequence[float], cand: Sequence[float], *, n_perm: int = 1000,
@@ -56,7 +50,7 @@ def paired_mean_diff(base: Sequence[float], cand: Sequence[float], *, n_perm: in
     for i in range(0, n_perm, 256):  # chunks keep the sign matrix small
         signs = rng.integers(0, 2, (min(256, n_perm - i), d.size)) * 2 - 1
         null[i:i + len(signs)] = (signs * d).mean(axis=1)
-    q = _null_halfwidth(mean, null, alpha)
+    q = permutation_halfwidth(mean, null, alpha)
     return mean, mean - q, mean + q
 
 
@@ -90,7 +84,7 @@ def paired_set_permutation(stat, ref: np.ndarray, base: np.ndarray, cand: np.nda
     null = np.asarray(null, dtype=np.float64)
     if np.isfinite(null).sum() < 2:
         return d, math.nan, math.nan
-    q = _null_halfwidth(d, null, alpha)  # the null is symmetric about 0: swapping the complement negates d
+    q = permutation_halfwidth(d, null, alpha)  # the null is symmetric about 0: swapping the complement negates d
     return d, d - q, d + q
 
 

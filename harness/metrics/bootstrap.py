@@ -77,6 +77,15 @@ def bootstrap_ci(stat: Callable[..., float], samples: Sequence[np.ndarray], *, n
     return {"ci_low": lo, "ci_high": hi, "boot_std": sd, **out}
 
 
+def permutation_halfwidth(observed: float, null, alpha: float) -> float:
+    """Critical |difference| of a two-sided permutation test at level ``alpha``. The observed value
+    is one member of the permutation set (the identity), which keeps the test exact with a finite
+    number of replicates; "higher" rounding never rejects more often than ``alpha``."""
+    null = np.asarray(null, dtype=np.float64)
+    null = np.abs(np.concatenate([[observed], null[np.isfinite(null)]]))
+    return float(np.quantile(null, 1 - alpha, method="higher"))
+
+
 def mean_ci(values: np.ndarray, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict:
     """Percentile bootstrap interval of a mean of per-image values (vectorised: fast for thousands of
     resamples). A resampled mean is unbiased, so the percentile interval needs no recentring."""

@@ -25,7 +25,7 @@ from torchmetrics import Metric
 
 from harness.errors import HarnessError
 from harness.metrics.base import canonical_order, cat_state, record
-from harness.metrics.bootstrap import RECENTRED, recentred_interval
+from harness.metrics.bootstrap import RECENTRED, permutation_halfwidth, recentred_interval
 from harness.metrics.detector import DetectorFeatures, as_detections, crop_boxes
 from harness.metrics.features import get_extractor
 from harness.metrics.images import to_batch
@@ -274,10 +274,12 @@ class ClusterKL(Metric):
         od = np.bincount(cell[sid == SETS.index("od")], minlength=len(cells)).astype(np.float64)
         movable = np.isin(sid, (bm, tm)) & np.isin(pair, shared)
 
+        p_od = smooth(od, self.alpha)  # the reference side never moves
+
         def diff(s: np.ndarray) -> float:
             b = np.bincount(cell[s == bm], minlength=len(cells)).astype(np.float64)
             t = np.bincount(cell[s == tm], minlength=len(cells)).astype(np.float64)
-            return kl(smooth(od, self.alpha), smooth(t, self.alpha)) - kl(smooth(od, self.alpha), smooth(b, self.alpha))
+            return kl(p_od, smooth(t, self.alpha)) - kl(p_od, smooth(b, self.alpha))
 
         d = diff(sid)
         rng = np.random.default_rng(seed)
@@ -285,8 +287,7 @@ class ClusterKL(Metric):
         for _ in range(n_perm):
             flip = np.isin(pair, shared[rng.random(len(shared)) < 0.5]) & movable
             null.append(diff(np.where(flip, bm + tm - sid, sid)))
-        # critical |d| with the observed value a member of the permutation set (exact; see eval.verdict)
-        q = float(np.quantile(np.abs(np.concatenate([[d], null])), 1 - alpha, method="higher"))
+        q = permutation_halfwidth(d, null, alpha)
         return {"diff": d, "ci_low": d - q, "ci_high": d + q, "n_pairs": int(len(shared)),
                 "n_perm": n_perm, "method": "permutation null: paired BM/TM images swapped, clusters fixed"}
 
