@@ -71,8 +71,9 @@ def _require(path: Path, what: str) -> Path:
 
 def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: str | Path | None = None,
              recipe_overrides: list[str] | tuple[str, ...] = (), eval_overrides: list[str] | tuple[str, ...] = (),
-             progress: bool = True) -> DemoResult:
-    """Run the demo into ``out`` (resumable: every step reuses what a previous run finished)."""
+             progress: bool = True, rebuild: bool = False) -> DemoResult:
+    """Run the demo into ``out`` (resumable: every step reuses what a previous run finished);
+    ``rebuild`` builds the world from scratch instead of installing the shipped one."""
     from harness.caption.blip import caption_folder
     from harness.report.evaluate import run_eval
     from harness.train.loop import train_from_file
@@ -80,8 +81,8 @@ def run_demo(out: str | Path, *, cfg: D.WorldConfig | None = None, world_dir: st
     cfg = cfg or D.WorldConfig()
     out = Path(out)
     recipe, suite = _require(RECIPE, "recipe"), _require(SUITE, "eval suite")
-    log.info("demo 1/5: the digits world (cached after the first build)")
-    world = D.digits_world(cfg, world_dir)
+    log.info("demo 1/5: the digits world (shipped for the default settings; else built once and cached)")
+    world = D.digits_world(cfg, world_dir, rebuild=rebuild)
     log.info("demo 2/5: restyled held-out digits (%s ink on %s paper) -> %s", *DD.DEMO_STYLE, out / "data")
     data = write_demo_data(out / "data", cfg.seed)
     log.info("demo 3/5: captioning them with the world's BLIP, suffix %r", SUFFIX)
