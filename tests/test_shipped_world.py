@@ -20,7 +20,7 @@ from harness.world import shipped
 def _shipped_meta() -> dict:
     src = shipped.archive_path(0, D.WorldConfig().key())
     assert src.is_file(), (f"no shipped world for the default config (key {D.WorldConfig().key()}): the world's "
-                           "config or version changed; rebuild it and run `python -m harness.world.shipped pack`")
+                           "config or version changed; rebuild it and run `python -m harness.world.pack_world`")
     with tarfile.open(src, "r:xz") as tar:
         return json.load(tar.extractfile(shipped.META))
 

@@ -7,7 +7,7 @@ it was built at, each file's sha256, and each safetensors file's tensor names an
 must reproduce). It is installed into the cache folder a build would have used, checked file by file,
 only when the requested config's key is the shipped one: any change to the world's config or version
 falls back to building (and ``tests/test_shipped_world.py`` fails until the archive is rebuilt with
-``python -m harness.world.shipped pack``). ``harness demo --rebuild`` always builds from scratch.
+``python -m harness.world.pack_world``). ``harness demo --rebuild`` always builds from scratch.
 """
 
 from __future__ import annotations
@@ -114,14 +114,3 @@ def install(seed: int, key: str, dest: str | Path) -> bool:
         raise
     log.info("digits world: installed the shipped world %s -> %s", src.name, dest)
     return True
-
-
-if __name__ == "__main__":  # python -m harness.world.shipped pack [WORLD_DIR]
-    import sys
-
-    from harness.world.digits import WorldConfig, default_cache_dir
-
-    if len(sys.argv) < 2 or sys.argv[1] != "pack":
-        raise SystemExit("usage: python -m harness.world.shipped pack [WORLD_DIR]")
-    target = Path(sys.argv[2]) if len(sys.argv) > 2 else default_cache_dir(WorldConfig())
-    print(pack(target))
